@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -147,6 +147,12 @@ class WorldTexture:
             self.levels.append(np.clip(level, 0, 255).astype(np.uint8).reshape(-1, 3))
             self.shapes = getattr(self, "shapes", []) + [level.shape[:2]]
             level = level.reshape(level.shape[0] // 2, 2, level.shape[1] // 2, 2, 3).mean(axis=(1, 3))
+
+
+@lru_cache(maxsize=8)
+def shared_texture(track: Track, seed: int, texture: float = 0.0) -> WorldTexture:
+    """A WorldTexture shared by every car with the same track and seed (it is read-only)."""
+    return WorldTexture(track, seed, texture)
 
 
 class CameraRenderer:

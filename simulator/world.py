@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from simulator import physics
-from simulator.render import CameraConfig, CameraRenderer, Randomization, WorldTexture
+from simulator.render import CameraConfig, CameraRenderer, Randomization, shared_texture
 from simulator.track import Track, get_track
 
 NOISE_BANK_FRAMES = 8  # precomputed noise frames, offset randomly per frame (cheap camera noise)
@@ -69,7 +69,7 @@ class TwinCar:
         self.randomization = randomization or Randomization()
         self.limits = limits or physics.CarLimits()
         self._rng = np.random.default_rng(seed)
-        self._texture = WorldTexture(self.track, seed, self.randomization.texture)
+        self._texture = shared_texture(self.track, seed, self.randomization.texture)
         self._renderers: dict[CameraConfig, CameraRenderer] = {}
         self.camera = camera or CameraConfig()
         self.stats = DriveStats()
@@ -115,6 +115,12 @@ class TwinCar:
         self.state.speed = 0.0
         projection = self.track.project(x, z)
         self._node, self._progress, self.cte = projection.node, projection.progress, projection.cte
+        # Place the car on the current lap so that driving forward across the start line
+        # next counts a lap, as the Unity simulator's start-line trigger does.
+        length = self.track.length
+        behind_line = projection.progress > length / 2
+        self._unwrapped = (self._laps_since_reset - behind_line) * length + projection.progress
+        self._laps_since_reset -= behind_line
 
     # -- simulation --------------------------------------------------------------------
     def advance(self, dt: float) -> int:
