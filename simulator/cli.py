@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     drive.add_argument("--duration", type=_positive(float), help="stop after this many seconds")
     drive.add_argument("--record", type=Path, help="record a tub here while driving")
     drive.add_argument("--noise", type=_non_negative, default=0.0)
+    drive.add_argument("--connect-timeout", type=_positive(float), default=15.0, metavar="SECONDS",
+                       help="keep trying to reach a simulator that is still starting (default 15)")
 
     commands.add_parser("tracks", help="list the tracks")
     return parser
@@ -181,7 +183,8 @@ def _drive(args: argparse.Namespace) -> int:
     host, port = args.sim
     try:
         result = drive_over_protocol(host, port, track=args.track, laps=args.laps, duration=args.duration,
-                                     out=args.record, noise=args.noise, progress=progress_printer())
+                                     out=args.record, noise=args.noise, progress=progress_printer(),
+                                     connect_timeout=args.connect_timeout)
     except SimError as exc:
         print(f"donkey-sim drive: {exc}", file=sys.stderr)
         return 2

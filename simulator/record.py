@@ -124,6 +124,7 @@ def drive_over_protocol(
     noise: float = 0.0,
     seed: int = 0,
     progress: Progress | None = None,
+    connect_timeout: float = 15.0,
 ) -> RecordResult:
     """Drive a car on a running simulator with the expert, in real time, optionally recording."""
     geometry = get_track(track)
@@ -133,7 +134,7 @@ def drive_over_protocol(
     seq = 0
     last_time: float | None = None
     try:
-        with SimClient(host, port, scene=track, car_name="expert") as client:
+        with SimClient(host, port, scene=track, car_name="expert", connect_timeout=connect_timeout) as client:
             while client.laps < laps and (duration is None or time.monotonic() - started < duration):
                 telemetry = client.wait_next(seq, timeout=2.0)
                 if telemetry is None:

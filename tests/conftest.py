@@ -1,0 +1,24 @@
+"""Shared fixtures. Each test gets its own temporary directory; nothing touches the user's files."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import pytest
+
+# donkeycar 5.x (our compatibility oracle) installs only on Python 3.11 with numpy < 2.
+# Where it cannot be installed, its tests skip with that reason; on 3.11 it must be present.
+DONKEYCAR_REQUIRED = sys.version_info[:2] == (3, 11)
+
+
+def import_donkeycar_tub():
+    if DONKEYCAR_REQUIRED:
+        from donkeycar.parts.tub_v2 import Tub
+    else:
+        tub_v2 = pytest.importorskip(
+            "donkeycar.parts.tub_v2", reason="donkeycar 5.x supports only Python 3.11"
+        )
+        Tub = tub_v2.Tub
+    logging.getLogger("donkeycar").setLevel(logging.WARNING)
+    return Tub
