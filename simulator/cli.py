@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 def _write_summary(path: Path, summary: dict[str, object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
 def _serve(args: argparse.Namespace) -> int:

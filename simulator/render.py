@@ -141,11 +141,12 @@ class WorldTexture:
         blotch = _smooth_noise(rng, labels.shape, cell=25) * (10 + 25 * texture)
         grain = rng.normal(0, 3 + 6 * texture, size=labels.shape).astype(np.float32)
         colour += np.where(grass, blotch, grain)[..., None]
-        self.levels: list[NDArray[np.uint8]] = []
+        self.levels: list[NDArray[np.uint8]] = []  # flattened (rows * cols, 3) per mip level
+        self.shapes: list[tuple[int, int]] = []
         level = colour
         for _ in range(MIP_LEVELS):
             self.levels.append(np.clip(level, 0, 255).astype(np.uint8).reshape(-1, 3))
-            self.shapes = getattr(self, "shapes", []) + [level.shape[:2]]
+            self.shapes.append((level.shape[0], level.shape[1]))
             level = level.reshape(level.shape[0] // 2, 2, level.shape[1] // 2, 2, 3).mean(axis=(1, 3))
 
 

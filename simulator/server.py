@@ -141,7 +141,8 @@ class CarSession:
         stats = self.splitter.stats
         for kind, count, detail in (
             ("malformed JSON", stats.malformed, "an object that is not valid JSON was skipped"),
-            ("oversized message", stats.oversized, f"an object over {self.splitter.max_object_bytes} bytes was skipped"),
+            ("oversized message", stats.oversized,
+             f"an object over {self.splitter.max_object_bytes} bytes was skipped"),
             ("stray bytes", stats.garbage_bytes, "bytes outside any JSON object were skipped"),
         ):
             seen = self._counts.get(kind, 0)

@@ -22,3 +22,13 @@ def import_donkeycar_tub():
         Tub = tub_v2.Tub
     logging.getLogger("donkeycar").setLevel(logging.WARNING)
     return Tub
+
+
+def read_with_donkeycar(path) -> tuple[int, list[dict], object]:
+    """Open a tub read-only with DonkeyCar's own Tub, return (len, records, manifest), and close it."""
+    Tub = import_donkeycar_tub()
+    tub = Tub(str(path), read_only=True)
+    try:
+        return len(tub), list(tub), tub.manifest
+    finally:
+        tub.close()

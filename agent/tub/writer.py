@@ -35,6 +35,9 @@ IMAGES_DIR = "images"
 MANIFEST = "manifest.json"
 
 
+PendingImage = tuple[str, Image.Image, str]  # file name, image, Pillow format
+
+
 class TubFormatError(ValueError):
     """A tub on disk, or a record, that this writer cannot use; the message says why."""
 
@@ -165,7 +168,7 @@ class TubWriter:
             raise TubFormatError(f"{self.path}: tub writer is closed")
         index = self.current_index
         contents, images = self._convert(record, index)
-        contents["_timestamp_ms"] = int(round(time.time() * 1000))
+        contents["_timestamp_ms"] = round(time.time() * 1000)
         contents["_index"] = index
         contents["_session_id"] = self.session_id
         line = json.dumps(contents, allow_nan=False, sort_keys=True, ensure_ascii=True) + "\n"
@@ -187,9 +190,9 @@ class TubWriter:
         self._write_manifest(sync=sync)
         return index
 
-    def _convert(self, record: Mapping[str, Any], index: int) -> tuple[dict[str, Any], list[tuple[str, Image.Image, str]]]:
+    def _convert(self, record: Mapping[str, Any], index: int) -> tuple[dict[str, Any], list[PendingImage]]:
         contents: dict[str, Any] = {}
-        images: list[tuple[str, Image.Image, str]] = []
+        images: list[PendingImage] = []
         for key, value in record.items():
             if value is None or key not in self._input_types:
                 continue
@@ -224,7 +227,9 @@ class TubWriter:
             except TubFormatError:
                 raise
             except (TypeError, ValueError) as exc:
-                raise TubFormatError(f"record key {key!r}: cannot store {type(value).__name__} as {kind}: {exc}") from exc
+                raise TubFormatError(
+                    f"record key {key!r}: cannot store {type(value).__name__} as {kind}: {exc}"
+                ) from exc
         return contents, images
 
     def _sync_due(self) -> bool:
