@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One entry point for a fresh Debian/Ubuntu or Raspberry Pi OS machine.
+#   ./dev.sh demo   install, start the twin and drive it (recording a tub); prints the twin's summary
+#   ./dev.sh test   install what the tests need (Debian packages too, when run as root) and run them all
+#   ./dev.sh bench  run the benchmarks under bench/
+#   ./dev.sh lint   ruff and mypy only
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+# Debian packages the tests use (later issues add mosquitto, systemd-container, ...).
+TEST_DEBS=(python3-venv python3-dev)
+DEMO_DEBS=(python3-venv)
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+install_debs() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        say "installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    elif ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+        echo "missing Debian packages: ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+}
+
+# Create the virtualenv and install the project with the given extras, once per pyproject change.
+ensure_env() {
+    local extras=$1
+    command -v dpkg-query >/dev/null && install_debs "${@:2}"
+    if [ ! -x "$VENV/bin/python" ]; then
+        say "creating $VENV with $("$PYTHON" --version)"
+        "$PYTHON" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.installed-${extras:-base}"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        say "installing donkey-edge-agent${extras:+[$extras]} into $VENV"
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q -e ".${extras:+[$extras]}"
+        touch "$stamp"
+    fi
+}
+
+demo() {
+    ensure_env "" "${DEMO_DEBS[@]}"
+    local port=${DEMO_PORT:-9091} laps=${DEMO_LAPS:-2}
+    mkdir -p out data
+    say "starting the twin on 127.0.0.1:$port (generated_track)"
+    "$VENV/bin/donkey-sim" serve --port "$port" --track generated_track --summary out/demo-summary.json &
+    local twin=$!
+    trap 'kill -TERM $twin 2>/dev/null || true' EXIT
+    say "the expert pilot drives $laps laps over the protocol and records a DonkeyCar tub"
+    "$VENV/bin/donkey-sim" drive --sim "127.0.0.1:$port" --laps "$laps" --record data/demo-tub
+    kill -TERM "$twin"
+    wait "$twin" || true
+    trap - EXIT
+    say "twin summary (out/demo-summary.json):"
+    cat out/demo-summary.json
+}
+
+lint() {
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/mypy"
+}
+
+run_tests() {
+    ensure_env "dev" "${TEST_DEBS[@]}"
+    say "lint"
+    lint
+    say "tests"
+    "$VENV/bin/python" -m pytest "$@"
+}
+
+case "${1:-}" in
+    demo) demo ;;
+    test) shift; run_tests "$@" ;;
+    bench) ensure_env "dev" "${TEST_DEBS[@]}"; shift; "$VENV/bin/python" bench/twin_frame.py "$@" ;;
+    lint) ensure_env "dev" "${TEST_DEBS[@]}"; lint ;;
+    *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac
