@@ -8,7 +8,9 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.hw.donkeysim import DEFAULT_PORT
 from simulator.render import Randomization
@@ -17,8 +19,8 @@ from simulator.track import DEFAULT_TRACK, get_track, track_names
 COMMANDS = ("serve", "record", "drive", "tracks")
 
 
-def _positive(kind: type) -> object:
-    def parse(value: str) -> object:
+def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    def parse(value: str) -> float:
         number = kind(value)
         if number <= 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {value}")
@@ -153,7 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
     summary = server.summary()
     if args.summary:
         _write_summary(args.summary, summary)
-    for car in summary["cars"]:  # type: ignore[union-attr]
+    cars: list[dict[str, Any]] = summary["cars"]
+    for car in cars:
         logging.getLogger("donkey-sim").info(
             "car %(car)s (%(peer)s) on %(track)s: %(laps)s laps, %(off_track_events)s off-track, "
             "max |cte| %(max_abs_cte)s m", {"laps": 0, "off_track_events": 0, "max_abs_cte": 0, **car})

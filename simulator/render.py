@@ -138,7 +138,7 @@ class WorldTexture:
         # Grass always has some blotchy variation (it gives the pilot optical flow);
         # asphalt a fine grain. Randomised texture makes both stronger.
         grass = labels == LABEL_GRASS
-        blotch = _smooth_noise(rng, labels.shape, cell=25) * (10 + 25 * texture)
+        blotch = _smooth_noise(rng, (labels.shape[0], labels.shape[1]), cell=25) * (10 + 25 * texture)
         grain = rng.normal(0, 3 + 6 * texture, size=labels.shape).astype(np.float32)
         colour += np.where(grass, blotch, grain)[..., None]
         self.levels: list[NDArray[np.uint8]] = []  # flattened (rows * cols, 3) per mip level

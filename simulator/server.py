@@ -357,7 +357,7 @@ class TwinServer:
     async def start(self) -> None:
         get_track(self.config.track or DEFAULT_TRACK)
         self._server = await asyncio.start_server(self._accept, self.config.host, self.config.port)
-        sockets = self._server.sockets or []
+        sockets = list(self._server.sockets)
         if sockets and self.config.port == 0:
             self.config.port = sockets[0].getsockname()[1]
         log.info("twin listening on %s:%d (%s, %.0f Hz)", self.config.host, self.config.port,
