@@ -18,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import itertools
 import json
 import logging
 import math
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +53,7 @@ Message = dict[str, Any]
 
 
 # -- a raw client, independent of agent/hw/donkeysim -----------------------------------------
-class PeerClosed(Exception):
+class PeerClosedError(Exception):
     """The twin closed the connection."""
 
 
@@ -84,7 +87,7 @@ class RawClient:
     def _fill(self, deadline: float) -> None:
         """Receive one chunk before ``deadline``; TimeoutError if none, PeerClosed on EOF."""
         if self.eof:
-            raise PeerClosed
+            raise PeerClosedError
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
@@ -93,10 +96,10 @@ class RawClient:
             chunk = self.sock.recv(256 * 1024)
         except ConnectionError as exc:
             self.eof = True
-            raise PeerClosed from exc
+            raise PeerClosedError from exc
         if not chunk:
             self.eof = True
-            raise PeerClosed
+            raise PeerClosedError
         self.buffer += chunk
 
     def read_line(self, timeout: float = TIMEOUT) -> bytes:
@@ -180,7 +183,7 @@ class RawClient:
                 messages.append(json.loads(line))
             try:
                 self._fill(deadline)
-            except PeerClosed:
+            except PeerClosedError:
                 return messages
             except TimeoutError:
                 raise AssertionError(f"the twin kept the connection open for {timeout} s") from None
@@ -202,6 +205,10 @@ def decode_image(field: str) -> Image.Image:
     return image
 
 
+def is_grey_frame(frame: np.ndarray) -> bool:
+    return bool(np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+
+
 def is_json_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -216,6 +223,7 @@ class RunningTwin:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.error: BaseException | None = None
         self.clients: list[RawClient] = []
+        self.stopped = False
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="twin", daemon=True)
 
@@ -263,9 +271,12 @@ class RunningTwin:
             assert first["msg_type"] == "car_loaded", first
         return client
 
-    def stop(self) -> None:
-        for client in self.clients:
-            client.close()
+    def stop(self, *, close_clients: bool = True) -> None:
+        """Request a stop from outside the loop and wait; by default our clients hang up first."""
+        self.stopped = True
+        if close_clients:
+            for client in self.clients:
+                client.close()
         if self.loop is not None and self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.server.request_stop, "test finished")
         self._thread.join(TIMEOUT)
@@ -293,9 +304,14 @@ def twin(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., RunningTwin
         return instance.start()
 
     yield start
+    died = [
+        f"{instance.error!r} {instance.server.stop_reason}".strip()
+        for instance in running
+        if not instance.stopped and not instance.alive()  # stopped on purpose by the test: fine
+    ]
     for instance in running:
-        assert instance.alive(), f"the twin died during the test: {instance.error!r} {instance.server.stop_reason}"
         instance.stop()
+    assert not died, f"the twin died during the test: {died}"
     crashes = [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno >= logging.ERROR]
     assert not crashes, f"the twin logged errors: {crashes}"
 
@@ -361,7 +377,7 @@ def test_telemetry_content(twin: Callable[..., RunningTwin]) -> None:
     server = twin(track="generated_track")
     client = server.connect_with_car()
     first, _ = client.wait_for("telemetry")
-    frames = [first] + telemetry_only(client.collect(0.5))
+    frames = [first, *telemetry_only(client.collect(0.5))]
     assert len(frames) >= 4
 
     for message in frames:
@@ -381,7 +397,7 @@ def test_telemetry_content(twin: Callable[..., RunningTwin]) -> None:
     assert image.mode == "RGB"
 
     times = [m["time"] for m in frames]
-    assert all(later > earlier for earlier, later in zip(times, times[1:], strict=False)), times
+    assert all(later > earlier for earlier, later in itertools.pairwise(times)), times
 
 
 # -- 5: what the twin accepts -------------------------------------------------------------------
@@ -455,15 +471,13 @@ def test_cam_config_size_encoding_and_depth(twin: Callable[..., RunningTwin]) ->
     def is_grey(message: Message) -> bool:
         if message.get("msg_type") != "telemetry":
             return False
-        frame = np.asarray(decode_image(message["image"]))
-        return bool(np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2]))
+        return is_grey_frame(np.asarray(decode_image(message["image"])))
 
     grey, _ = client.wait_for(is_grey)
     for message in [grey, *telemetry_only(client.collect(0.3))]:
         image = decode_image(message["image"])
         assert image.format == "PNG" and image.size == (320, 240) and image.mode == "RGB"
-        frame = np.asarray(image)
-        assert np.array_equal(frame[..., 0], frame[..., 1]) and np.array_equal(frame[..., 1], frame[..., 2])
+        assert is_grey_frame(np.asarray(image))
 
 
 # -- 7: reset_car -------------------------------------------------------------------------------
@@ -609,26 +623,33 @@ class TelemetryCounter(threading.Thread):
             self.error = exc
 
 
-class Flooder(threading.Thread):
-    """Sends control messages as fast as the socket takes them, for ``duration`` seconds."""
+# The flooding client runs in a child process: in-process it would compete with the twin
+# for the GIL, which measures the test's threads rather than the twin's fairness.
+FLOOD_SCRIPT = """
+import json, socket, sys, time
+port, duration = int(sys.argv[1]), float(sys.argv[2])
+sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+first = sock.recv(4096)  # car_loaded: the car exists before the flood starts
+one = json.dumps({"msg_type": "control", "steering": "0.1", "throttle": "0.2", "brake": "0"}).encode()
+batch, sent = one * 200, 0
+print("ready", flush=True)
+deadline = time.monotonic() + duration
+while time.monotonic() < deadline:
+    sock.sendall(batch)
+    sent += 200
+print(sent, first.split(b"\\n")[0].decode(), flush=True)
+"""
 
-    def __init__(self, client: RawClient, duration: float) -> None:
-        super().__init__(daemon=True)
-        self.client, self.duration = client, duration
-        self.sent = 0
-        self.error: BaseException | None = None
 
-    def run(self) -> None:
-        one = json.dumps({"msg_type": "control", "steering": "0.1", "throttle": "0.2", "brake": "0"}).encode()
-        batch_size = 200
-        batch = one * batch_size
-        deadline = time.monotonic() + self.duration
-        try:
-            while time.monotonic() < deadline:
-                self.client.send_raw(batch)
-                self.sent += batch_size
-        except BaseException as exc:
-            self.error = exc
+def start_flooder(port: int, duration: float) -> subprocess.Popen[str]:
+    """A client in a child process that sends control messages as fast as it can."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FLOOD_SCRIPT, str(port), str(duration)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", "the flooding client did not connect"
+    return proc
 
 
 def problem_records(caplog: pytest.LogCaptureFixture, peer: str, kind: str) -> list[str]:
@@ -647,48 +668,24 @@ def test_bad_input_never_disturbs_other_cars(
     victim = server.connect_with_car()
     victim.wait_for("telemetry")
     bad = server.connect_with_car()
-    flood = server.connect_with_car()
     bad_peer, victim_peer = bad.peer_name, victim.peer_name
 
+    flooder = start_flooder(server.port, 2.0)
     counter = TelemetryCounter(victim, window)
-    flooder = Flooder(flood, 2.0)
     counter.start()
-    flooder.start()
-
-    def still_answers() -> None:
-        bad.send({"msg_type": "get_protocol_version"})
-        reply, _ = bad.wait_for("protocol_version")
-        assert reply["version"] == "2"
-
-    # (a) malformed JSON, five times; once followed by a valid object in the same send.
-    malformed = b'{"msg_type": "control", "steering": }'
-    for _ in range(4):
-        bad.send_raw(malformed)
-        still_answers()
-    bad.send_raw(malformed + b'{"msg_type":"get_protocol_version"}')
-    assert bad.wait_for("protocol_version")[0]["version"] == "2"
-    # (b) messages over max_message_bytes, one of them sent in pieces.
-    oversized = json.dumps({"msg_type": "control", "steering": "0.1", "pad": "x" * 10_000}).encode()
-    bad.send_raw(oversized)
-    still_answers()
-    for offset in range(0, len(oversized), 3000):
-        bad.send_raw(oversized[offset : offset + 3000])
-    still_answers()
-    # (c) bytes that are not JSON at all, including invalid UTF-8.
-    bad.send_raw(b"this is not json\r\n")
-    still_answers()
-    bad.send_raw(b"\xff\xfe\x00 ]] garbage\n")
-    still_answers()
-    # (d) half an object, then gone.
-    bad.send_raw(b'{"msg_type":"control","steering":"0.')
-    time.sleep(0.05)
-    bad.close()
-
-    counter.join(window + TIMEOUT)
-    flooder.join(TIMEOUT)
+    try:
+        bad_client_transcript(bad)
+        counter.join(window + TIMEOUT)
+        flood_report, _ = flooder.communicate(timeout=TIMEOUT)
+    finally:
+        if flooder.poll() is None:
+            flooder.kill()
+            flooder.wait()
     assert counter.error is None, f"the victim's connection failed: {counter.error!r}"
-    assert flooder.error is None, f"the flood connection failed: {flooder.error!r}"
-    assert flooder.sent >= 1000, f"the flood sent only {flooder.sent} messages"
+    assert flooder.returncode == 0, "the flooding client failed"
+    flood_sent, flood_first = flood_report.split()
+    assert flood_first == '{"msg_type":"car_loaded"}'
+    assert int(flood_sent) >= 1000, f"the flood sent only {flood_sent} messages"
     expected = fps * window
     assert counter.frames >= 0.7 * expected, (
         f"the victim got {counter.frames} frames in {window} s, expected about {expected:.0f}"
@@ -714,6 +711,41 @@ def test_bad_input_never_disturbs_other_cars(
     assert victim_warnings == []
 
 
+def bad_client_transcript(bad: RawClient) -> None:
+    """Malformed, oversized and junk input, each followed by proof the connection still works."""
+
+    def still_answers() -> None:
+        bad.send({"msg_type": "get_protocol_version"})
+        reply, _ = bad.wait_for("protocol_version")
+        assert reply["version"] == "2"
+
+    # (a) malformed JSON, five times; once followed by a valid object in the same send.
+    malformed = b'{"msg_type": "control", "steering": }'
+    for _ in range(4):
+        bad.send_raw(malformed)
+        still_answers()
+    bad.send_raw(malformed + b'{"msg_type":"get_protocol_version"}')
+    assert bad.wait_for("protocol_version")[0]["version"] == "2"
+    # (b) messages over max_message_bytes, one of them sent in pieces.
+    oversized = json.dumps({"msg_type": "control", "steering": "0.1", "pad": "x" * 10_000}).encode()
+    bad.send_raw(oversized)
+    still_answers()
+    for offset in range(0, len(oversized), 3000):
+        bad.send_raw(oversized[offset : offset + 3000])
+    still_answers()
+    # (c) bytes that are not JSON at all, including invalid UTF-8.
+    bad.send_raw(b"this is not json\r\n")
+    still_answers()
+    bad.send_raw(b"\xff\xfe\x00 ]] garbage\n")
+    still_answers()
+    # (d) half an object, then gone. Half-close first so that the twin sees a clean end of
+    # stream after the partial object (closing with unread telemetry would send a reset).
+    bad.send_raw(b'{"msg_type":"control","steering":"0.')
+    bad.sock.shutdown(socket.SHUT_WR)
+    bad.read_until_closed()
+    bad.close()
+
+
 # -- 13: several cars -----------------------------------------------------------------------------
 def test_four_cars_at_twenty_hz(twin: Callable[..., RunningTwin]) -> None:
     fps, window, cars = 20.0, 3.0, 4
@@ -734,3 +766,24 @@ def test_four_cars_at_twenty_hz(twin: Callable[..., RunningTwin]) -> None:
         assert counter.other == []
     assert all(count >= 0.8 * expected for count in frames), f"frames per car in {window} s: {frames}"
     assert all(count <= 1.3 * expected for count in frames), f"telemetry faster than {fps} Hz: {frames}"
+
+
+# -- stopping the twin -------------------------------------------------------------------------
+def test_stop_with_cars_connected_is_clean(
+    twin: Callable[..., RunningTwin], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping the twin while cars are connected closes them without error tracebacks."""
+    server = twin(track="generated_track")
+    clients = [server.connect_with_car() for _ in range(2)]
+    for client in clients:
+        client.wait_for("telemetry")
+
+    server.stop(close_clients=False)
+    for client in clients:
+        assert {m["msg_type"] for m in client.read_until_closed()} <= {"telemetry"}
+    errors = [
+        f"{r.name}: {r.getMessage()} {r.exc_info[1]!r}" if r.exc_info else f"{r.name}: {r.getMessage()}"
+        for r in caplog.records if r.levelno >= logging.ERROR
+    ]
+    assert errors == [], f"errors logged while stopping the twin: {errors}"
+    assert server.server.stop_reason == "test finished"
