@@ -1,0 +1,177 @@
+"""The agent's one config file (TOML), validated with pydantic.
+
+Keys are grouped by concern ([drive], [camera], [twin], [actuators], [autopilot], [gpio],
+[recording]; later [telemetry], [attestation], [models]). Unknown keys are errors, so a
+typo never silently falls back to a default. Every error names the file, the key and the
+problem, e.g. ``/etc/donkey-agent/agent.toml: drive.max_throttle: Input should be less than
+or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_PATH = Path("/etc/donkey-agent/agent.toml")
+
+Mode = Literal["user", "local_angle", "local"]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Pulse = Annotated[int, Field(ge=0, le=4095)]
+
+
+class ConfigError(ValueError):
+    """An invalid config: the message names the file, the key and the problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RealtimeConfig(Section):
+    priority: Annotated[int, Field(ge=0, le=99)] = 50  # SCHED_FIFO priority; 0 = leave the scheduler alone
+    cpus: list[Annotated[int, Field(ge=0)]] = []  # CPU affinity of the drive thread; empty = unchanged
+    lock_memory: bool = True  # mlockall(MCL_CURRENT | MCL_FUTURE)
+    freeze_gc: bool = True  # gc.freeze() after warm-up; collections only outside the hot path
+    switch_interval_ms: Annotated[float, Field(gt=0, le=5)] = 0.5  # sys.setswitchinterval
+
+
+class DriveConfig(Section):
+    rate_hz: Annotated[float, Field(gt=0, le=200)] = 20.0
+    pacing: Literal["camera", "timer"] = "camera"
+    mode: Mode = "local"  # mode at start-up
+    max_throttle: Fraction = 0.5
+    throttle_multiplier: Annotated[float, Field(ge=0, le=5)] = 1.0  # DonkeyCar's AI_THROTTLE_MULT
+    throttle_ramp_per_s: Annotated[float, Field(gt=0)] = 2.0  # largest increase of |throttle| per second
+    max_frame_age_ms: Annotated[float, Field(gt=0)] = 150.0
+    overrun_limit: Annotated[int, Field(ge=1)] = 3  # consecutive inference overruns before neutral
+    heartbeat_timeout_ms: Annotated[float, Field(gt=0)] = 500.0  # manual control in `user` mode
+    fault_clear_hold_ms: Annotated[float, Field(ge=0)] = 300.0  # a transient fault must be gone this long
+    realtime: RealtimeConfig = RealtimeConfig()
+
+
+class CameraConfig(Section):
+    backend: Literal["twin", "picamera2", "v4l2", "tub"] = "twin"
+    width: Annotated[int, Field(ge=8, le=4096)] = 160
+    height: Annotated[int, Field(ge=8, le=4096)] = 120
+    fps: Annotated[float, Field(gt=0, le=240)] = 20.0
+    device: str = "/dev/video0"  # v4l2
+    tub: Path | None = None  # replay source for backend = "tub"
+
+    @model_validator(mode="after")
+    def _tub_needs_a_path(self) -> CameraConfig:
+        if self.backend == "tub" and self.tub is None:
+            raise ValueError("backend 'tub' needs camera.tub = the tub directory to replay")
+        return self
+
+
+class TwinConfig(Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 9091
+    scene: str = "generated_track"
+    connect_timeout_s: Annotated[float, Field(gt=0)] = 15.0
+
+
+class CalibrationConfig(Section):
+    """DonkeyCar's PWM_STEERING_THROTTLE values: 12-bit PCA9685 counts at 60 Hz."""
+
+    steering_left_pwm: Pulse = 460
+    steering_right_pwm: Pulse = 290
+    steering_inverted: bool = False
+    steering_scale: Annotated[float, Field(gt=0, le=10)] = 1.0
+    throttle_forward_pwm: Pulse = 500
+    throttle_stopped_pwm: Pulse = 370
+    throttle_reverse_pwm: Pulse = 220
+    throttle_inverted: bool = False
+    throttle_scale: Annotated[float, Field(gt=0, le=10)] = 1.0
+
+
+class Pca9685Config(Section):
+    i2c_bus: Annotated[int, Field(ge=0)] = 1
+    address: Annotated[int, Field(ge=0x03, le=0x77)] = 0x40
+    frequency_hz: Annotated[float, Field(ge=24, le=1526)] = 60.0
+    steering_channel: Annotated[int, Field(ge=0, le=15)] = 1
+    throttle_channel: Annotated[int, Field(ge=0, le=15)] = 0
+
+
+class ActuatorsConfig(Section):
+    backend: Literal["twin", "pca9685"] = "twin"
+    pca9685: Pca9685Config = Pca9685Config()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+class AutopilotConfig(Section):
+    model: Path | None = None  # None: no autopilot (user mode only)
+    kind: Literal["auto", "linear", "categorical", "inferred", "behavior", "localizer", "imu", "memory"] = "auto"
+    num_threads: Annotated[int, Field(ge=1, le=16)] = 2
+
+
+class GpioConfig(Section):
+    pin_factory: str | None = None  # gpiozero factory name; None = gpiozero's default order
+    estop_pin: str | None = None  # e.g. "GPIO17" (button to ground); None = no button
+    status_led_pin: str | None = None
+
+
+class RecordingConfig(Section):
+    path: Path | None = None  # tub directory; None = do not record
+    queue: Annotated[int, Field(ge=1)] = 256
+
+
+class AgentConfig(Section):
+    drive: DriveConfig = DriveConfig()
+    camera: CameraConfig = CameraConfig()
+    twin: TwinConfig = TwinConfig()
+    actuators: ActuatorsConfig = ActuatorsConfig()
+    autopilot: AutopilotConfig = AutopilotConfig()
+    gpio: GpioConfig = GpioConfig()
+    recording: RecordingConfig = RecordingConfig()
+    source: str = Field(default="<defaults>", exclude=True)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> AgentConfig:
+        """A new config with dotted-key overrides (``{"drive.mode": "user"}``), validated again."""
+        data = self.model_dump(mode="python", exclude={"source"})
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node[key]
+            node[leaf] = value
+        return validate(data, f"{self.source} (with command-line overrides)")
+
+
+def _format(error: ValidationError, source: str) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see docs/operating.md for the keys)"
+        problems.append(f"{source}: {key}: {message}")
+    return "\n".join(problems)
+
+
+def validate(data: dict[str, Any], source: str) -> AgentConfig:
+    try:
+        return AgentConfig.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, source)) from None
+
+
+def load(path: Path | None) -> AgentConfig:
+    """Load and validate a config file; ``None`` gives the defaults."""
+    if path is None:
+        return AgentConfig()
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "source" in data:
+        raise ConfigError(f"{path}: source: unknown key")
+    return validate(data, str(path))
