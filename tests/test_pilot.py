@@ -105,11 +105,11 @@ def test_corrupt_truncated_and_missing_files_are_refused_clearly(tmp_path: Path)
     data = (MODELS / "linear.tflite").read_bytes()
     truncated = tmp_path / "truncated.tflite"
     truncated.write_bytes(data[: len(data) // 3])
-    with pytest.raises(ModelError, match="truncated.tflite"):
+    with pytest.raises(ModelError, match=r"truncated\.tflite"):
         Autopilot(truncated)
     garbage = tmp_path / "garbage.tflite"
     garbage.write_bytes(b"\x00" * 4 + b"TFL3" + bytes(range(256)) * 40)
-    with pytest.raises(ModelError, match="garbage.tflite"):
+    with pytest.raises(ModelError, match=r"garbage\.tflite"):
         Autopilot(garbage)
     keras_file = tmp_path / "pilot.h5"
     keras_file.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
