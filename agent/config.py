@@ -46,6 +46,7 @@ class DriveConfig(Section):
     throttle_multiplier: Annotated[float, Field(ge=0, le=5)] = 1.0  # DonkeyCar's AI_THROTTLE_MULT
     throttle_ramp_per_s: Annotated[float, Field(gt=0)] = 2.0  # largest increase of |throttle| per second
     max_frame_age_ms: Annotated[float, Field(gt=0)] = 150.0
+    inference_budget_ms: Annotated[float, Field(gt=0)] = 40.0  # an invoke slower than this is an overrun
     overrun_limit: Annotated[int, Field(ge=1)] = 3  # consecutive inference overruns before neutral
     heartbeat_timeout_ms: Annotated[float, Field(gt=0)] = 500.0  # manual control in `user` mode
     fault_clear_hold_ms: Annotated[float, Field(ge=0)] = 300.0  # a transient fault must be gone this long

@@ -160,6 +160,12 @@ class Autopilot:
     # -- inference -----------------------------------------------------------------------------
     def run(self, image: NDArray[np.uint8], *, imu: NDArray[np.floating] | None = None) -> PilotOutput:
         """One inference. Raises ModelError for an image of the wrong shape or non-finite outputs."""
+        self.prepare(image, imu=imu)
+        self.invoke()
+        return self.result()
+
+    def prepare(self, image: NDArray[np.uint8], *, imu: NDArray[np.floating] | None = None) -> None:
+        """Write the model's inputs in place (the drive core times this as 'preprocess')."""
         interpreter = self._interpreter
         if image.shape != self.image_shape:
             if image.shape[:2] == self.image_shape[:2] and self.image_shape[2] == 1 and image.shape[2] == 3:
@@ -175,7 +181,15 @@ class Autopilot:
             if imu is None:
                 raise ModelError("an imu model needs imu readings (acl_x, acl_y, acl_z, gyr_x, gyr_y, gyr_z)")
             interpreter.tensor(self._index["imu_in"])()[0] = imu
-        interpreter.invoke()
+
+    def invoke(self) -> None:
+        try:
+            self._interpreter.invoke()
+        except (RuntimeError, ValueError) as exc:
+            raise ModelError(f"inference failed: {exc}") from None
+
+    def result(self) -> PilotOutput:
+        """Decode the outputs of the last invoke (and feed a memory model's history)."""
         result = self._decode()
         if not (math.isfinite(result.angle) and math.isfinite(result.throttle)):
             raise ModelError(f"non-finite model output: angle {result.angle}, throttle {result.throttle}")
