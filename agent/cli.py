@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from agent import __version__
+from agent.config import DEFAULT_PATH, ConfigError, load
+from agent.core.control import MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="donkey-agent", description="The DonkeyCar edge agent.")
     parser.add_argument("--version", action="version", version=f"donkey-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="drive: camera -> autopilot -> actuators, until Ctrl-C or SIGTERM")
+    run.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
+    run.add_argument("--sim", metavar="HOST:PORT", help="drive a Donkey simulator (the twin) instead of hardware")
+    run.add_argument("--model", type=Path, help="autopilot .tflite (overrides autopilot.model)")
+    run.add_argument("--mode", choices=MODES, help="start-up mode (overrides drive.mode)")
+    run.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    run.add_argument("--record", type=Path, metavar="DIR", help="record a DonkeyCar tub while driving")
+    run.add_argument("--max-throttle", type=float, help="overrides drive.max_throttle")
+    run.add_argument("-v", "--verbose", action="store_true")
     tub = commands.add_parser("tub", help="inspect DonkeyCar Tub v2 datasets")
     tub_commands = tub.add_subparsers(dest="tub_command", required=True)
     info = tub_commands.add_parser("info", help="records, sessions and inputs of a tub")
@@ -40,8 +52,48 @@ def tub_info(path: Path) -> dict[str, object]:
     }
 
 
+def _run(args: argparse.Namespace) -> int:
+    from agent.hw.donkeysim.client import SimError
+    from agent.hw.factory import HardwareUnavailableError
+    from agent.run import EXIT_CONFIG, EXIT_UNAVAILABLE, run
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+    try:
+        config = load(path)
+        overrides: dict[str, object] = {}
+        if args.sim:
+            host, _, port = args.sim.rpartition(":")
+            if not host or not port.isdigit():
+                raise ConfigError(f"--sim: expected HOST:PORT, got {args.sim!r}")
+            overrides.update({"twin.host": host, "twin.port": int(port), "camera.backend": "twin",
+                              "actuators.backend": "twin"})
+        if args.model:
+            overrides["autopilot.model"] = args.model
+        if args.mode:
+            overrides["drive.mode"] = args.mode
+        if args.max_throttle is not None:
+            overrides["drive.max_throttle"] = args.max_throttle
+        if overrides:
+            config = config.with_overrides(overrides)
+        if config.drive.mode in ("local", "local_angle") and config.autopilot.model is None:
+            raise ConfigError(f"{config.source}: autopilot.model: mode {config.drive.mode!r} needs a model "
+                              "(--model PATH, or --mode user)")
+    except ConfigError as exc:
+        print(f"donkey-agent: invalid config:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return run(config, duration=args.duration, record=args.record)
+    except (HardwareUnavailableError, SimError) as exc:
+        print(f"donkey-agent: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     if args.command == "tub":
         try:
             print(json.dumps(tub_info(args.path), indent=2))

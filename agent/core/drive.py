@@ -145,7 +145,7 @@ class DriveCore:
             self.error = exc
             self.events.push(Event("stopped", {"error": f"{type(exc).__name__}: {exc}"}))
         else:
-            self.events.push(Event("stopped", {"error": None}))
+            self.events.push(Event("stopped", {"error": None, "cycles": self.metrics.cycles}))
         finally:
             self._gc.release()
             try:
@@ -176,8 +176,10 @@ class DriveCore:
                 keeper.wait()
                 frame = camera.read(last_seq, 0.0)
             else:
-                # Wake on the next frame, or when the newest one turns stale, or after a period.
-                timeout = max(0.001, min(period, frame_time + max_age - start + 0.001))
+                # Wake on the next frame, or the moment the newest one turns stale (then go
+                # neutral at once), and while stale once a period to keep re-checking.
+                until_stale = frame_time + max_age - start
+                timeout = until_stale + 0.001 if until_stale > 0 else period
                 frame = camera.read(last_seq, timeout)
             now = clock()
             row = metrics.row()

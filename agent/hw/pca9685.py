@@ -11,6 +11,7 @@ through max and min at start (a full-throttle blip): arming is neutral only.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from agent.config import CalibrationConfig, Pca9685Config
@@ -75,13 +76,13 @@ class Pca9685Actuators:
             ) from None
         if i2c is None:
             try:
-                from adafruit_extended_bus import ExtendedI2C  # type: ignore[import-not-found]
+                from adafruit_extended_bus import ExtendedI2C
 
                 i2c = ExtendedI2C(config.i2c_bus)
             except ImportError:
                 try:
-                    import board  # type: ignore[import-not-found]
-                    import busio  # type: ignore[import-not-found]
+                    import board
+                    import busio
 
                     i2c = busio.I2C(board.SCL, board.SDA)
                 except (ImportError, NotImplementedError, RuntimeError, ValueError) as exc:
@@ -131,7 +132,5 @@ class Pca9685Actuators:
 
     def close(self) -> None:
         """Leave the car at neutral (an ESC without pulses may hold its last throttle on some models)."""
-        try:
+        with contextlib.suppress(ActuatorError):
             self.neutral()
-        except ActuatorError:
-            pass
