@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian/Ubuntu or Raspberry Pi OS machine.
-#   ./dev.sh demo   install, start the twin and drive it (recording a tub); prints the twin's summary
+#   ./dev.sh demo   install, start the twin and let the agent drive it with the shipped autopilot
+#   ./dev.sh train-model   retrain models/pilot.tflite with DonkeyCar's trainer (installs the train extra)
 #   ./dev.sh test   install what the tests need (Debian packages too, when run as root) and run them all
 #   ./dev.sh bench  run the benchmarks under bench/
 #   ./dev.sh lint   ruff and mypy only
@@ -50,14 +51,14 @@ ensure_env() {
 
 demo() {
     ensure_env "" "${DEMO_DEBS[@]}"
-    local port=${DEMO_PORT:-9091} laps=${DEMO_LAPS:-2}
-    mkdir -p out data
+    local port=${DEMO_PORT:-9091} seconds=${DEMO_SECONDS:-65}
+    mkdir -p out
     say "starting the twin on 127.0.0.1:$port (generated_track)"
     "$VENV/bin/donkey-sim" serve --port "$port" --track generated_track --summary out/demo-summary.json &
     local twin=$!
     trap 'kill -TERM $twin 2>/dev/null || true' EXIT
-    say "the expert pilot drives $laps laps over the protocol and records a DonkeyCar tub"
-    "$VENV/bin/donkey-sim" drive --sim "127.0.0.1:$port" --laps "$laps" --record data/demo-tub
+    say "donkey-agent drives for ${seconds}s with the shipped autopilot (models/pilot.tflite); Ctrl-C stops it safely"
+    "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds"
     kill -TERM "$twin"
     wait "$twin" || true
     trap - EXIT
@@ -81,7 +82,8 @@ run_tests() {
 case "${1:-}" in
     demo) demo ;;
     test) shift; run_tests "$@" ;;
+    train-model) ensure_env "train" "${TEST_DEBS[@]}"; NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" models/train.py ;;
     bench) ensure_env "dev" "${TEST_DEBS[@]}"; shift; "$VENV/bin/python" bench/twin_frame.py "$@" ;;
     lint) ensure_env "dev" "${TEST_DEBS[@]}"; lint ;;
-    *) sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

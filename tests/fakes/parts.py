@@ -3,7 +3,7 @@
 ``TwinRig`` steps a TwinCar in real time on its own thread at the camera rate: each tick it
 applies the last actuator command, advances 1/fps of physics and publishes the rendered frame.
 Fault knobs: ``pause_frames`` (the camera stops delivering), ``corrupt_pixel`` (a frame with a
-bright top-left pixel, which makes the nan.tflite fixture produce NaN), ``fail_writes`` (the next
+white top-left pixel, which makes the nan.tflite fixture produce NaN), ``fail_writes`` (the next
 N actuator writes raise ActuatorError, like an I2C error).
 """
 
