@@ -26,6 +26,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--record", type=Path, metavar="DIR", help="record a DonkeyCar tub while driving")
     run.add_argument("--max-throttle", type=float, help="overrides drive.max_throttle")
     run.add_argument("-v", "--verbose", action="store_true")
+    model = commands.add_parser("model", help="autopilot models")
+    model_commands = model.add_subparsers(dest="model_command", required=True)
+    check = model_commands.add_parser("check", help="load a model as the car would; kind, I/O, timing, outputs")
+    check.add_argument("model", type=Path)
+    check.add_argument("--images", type=Path, help="an (N, 120, 160, 3) uint8 .npy array to run through the model")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    check.add_argument("--kind", default="auto", help="override the kind detected from the signature")
     tub = commands.add_parser("tub", help="inspect DonkeyCar Tub v2 datasets")
     tub_commands = tub.add_subparsers(dest="tub_command", required=True)
     info = tub_commands.add_parser("info", help="records, sessions and inputs of a tub")
@@ -94,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "model":
+        from agent.pilot.check import main_check
+
+        code, text = main_check(args.model, args.images, args.json, args.kind)
+        print(text, file=sys.stderr if code else sys.stdout)
+        return code
     if args.command == "tub":
         try:
             print(json.dumps(tub_info(args.path), indent=2))

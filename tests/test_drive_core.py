@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 
 import pytest
 
 from agent.config import DriveConfig, RealtimeConfig
+from agent.core import drive
 from agent.core.drive import DriveCore, DriveParts
 from agent.core.handoff import Command
 from agent.pilot import Autopilot
@@ -214,7 +216,7 @@ def test_modes_multiplier_max_throttle_and_ramp(rig: TwinRig) -> None:
         steering = [s for _, s, _ in rig.writes_after(start)]
         assert max(throttles) <= 0.4 and min(steering) >= -1.0
         assert 0.1 < throttles[-1] < 0.4  # ramping at 0.5/s for ~0.6 s: on its way, not there
-        increments = [b - a for a, b in zip(throttles, throttles[1:], strict=False)]
+        increments = [b - a for a, b in itertools.pairwise(throttles)]
         assert max(increments) <= 0.5 * 0.1  # never a jump
         core.commands.push(Command("set_mode", "local", id="m"))
         assert wait_for(lambda: any(k == "command" and d["id"] == "m" for k, d in event_kinds(core)))
@@ -239,7 +241,6 @@ def test_start_fails_cleanly_without_frames(rig: TwinRig) -> None:
     time.sleep(0.1)
     rig.slot._latest = None
     core = DriveCore(DriveConfig(realtime=NO_RT, mode="user"), DriveParts(rig, rig, None))
-    import agent.core.drive as drive
 
     original = drive.FIRST_FRAME_TIMEOUT
     drive.FIRST_FRAME_TIMEOUT = 0.5
