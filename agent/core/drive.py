@@ -244,6 +244,8 @@ class DriveCore:
             row[INDEX["deadline_miss"]] = 1.0 if late else 0.0
             row[INDEX["steering"]] = steering
             row[INDEX["throttle"]] = throttle
+            row[INDEX["frame_seq"]] = last_seq
+            row[INDEX["decided"]] = 1.0 if invoke > 0.0 else 0.0
             if late:
                 metrics.deadline_misses += 1
             metrics.publish()

@@ -26,6 +26,8 @@ FIELDS = (
     "deadline_miss",  # 1.0 when actuation came after the cycle's deadline
     "steering",
     "throttle",
+    "frame_seq",  # the frame this cycle acted on
+    "decided",  # 1.0 when the model ran on that frame in this cycle
 )
 INDEX = {name: i for i, name in enumerate(FIELDS)}
 
