@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, help="an (N, 120, 160, 3) uint8 .npy array to run through the model")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--kind", default="auto", help="override the kind detected from the signature")
+    imp = commands.add_parser("import-calibration",
+                              help="print the [actuators] section for a calibrated DonkeyCar's myconfig.py")
+    imp.add_argument("myconfig", type=Path)
     tub = commands.add_parser("tub", help="inspect DonkeyCar Tub v2 datasets")
     tub_commands = tub.add_subparsers(dest="tub_command", required=True)
     info = tub_commands.add_parser("info", help="records, sessions and inputs of a tub")
@@ -101,6 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "import-calibration":
+        from agent.hw.donkeycar_import import DonkeyConfigError, import_myconfig, to_toml
+
+        try:
+            print(to_toml(import_myconfig(args.myconfig)), end="")
+        except (DonkeyConfigError, OSError) as exc:
+            print(f"donkey-agent import-calibration: {exc}", file=sys.stderr)
+            return 78
+        return 0
     if args.command == "model":
         from agent.pilot.check import main_check
 

@@ -35,7 +35,7 @@ class RealtimeConfig(Section):
     cpus: list[Annotated[int, Field(ge=0)]] = []  # CPU affinity of the drive thread; empty = unchanged
     lock_memory: bool = True  # mlockall(MCL_CURRENT | MCL_FUTURE)
     freeze_gc: bool = True  # gc.freeze() after warm-up; collections only outside the hot path
-    switch_interval_ms: Annotated[float, Field(gt=0, le=5)] = 0.5  # sys.setswitchinterval
+    switch_interval_ms: Annotated[float, Field(gt=0, le=5)] = 0.05  # sys.setswitchinterval; see docs/performance.md
 
 
 class DriveConfig(Section):
@@ -45,12 +45,23 @@ class DriveConfig(Section):
     max_throttle: Fraction = 0.5
     throttle_multiplier: Annotated[float, Field(ge=0, le=5)] = 1.0  # DonkeyCar's AI_THROTTLE_MULT
     throttle_ramp_per_s: Annotated[float, Field(gt=0)] = 2.0  # largest increase of |throttle| per second
+    # Actuate at a fixed delay after the tick (timer) or the frame's capture (camera) instead of
+    # as soon as computed: output timing no longer jitters with inference time (logical execution
+    # time). Costs that constant latency; 0 actuates at once. Must be below one period.
+    output_delay_ms: Annotated[float, Field(ge=0)] = 10.0
     max_frame_age_ms: Annotated[float, Field(gt=0)] = 150.0
     inference_budget_ms: Annotated[float, Field(gt=0)] = 40.0  # an invoke slower than this is an overrun
     overrun_limit: Annotated[int, Field(ge=1)] = 3  # consecutive inference overruns before neutral
     heartbeat_timeout_ms: Annotated[float, Field(gt=0)] = 500.0  # manual control in `user` mode
     fault_clear_hold_ms: Annotated[float, Field(ge=0)] = 300.0  # a transient fault must be gone this long
     realtime: RealtimeConfig = RealtimeConfig()
+
+    @model_validator(mode="after")
+    def _delay_within_a_period(self) -> DriveConfig:
+        if self.output_delay_ms >= 1000.0 / self.rate_hz:
+            raise ValueError(f"output_delay_ms ({self.output_delay_ms}) must be below one period "
+                             f"({1000.0 / self.rate_hz:.1f} ms at rate_hz {self.rate_hz})")
+        return self
 
 
 class CameraConfig(Section):

@@ -35,6 +35,16 @@ RECORD_INPUTS = ("cam/image_array", "user/angle", "user/throttle", "user/mode", 
 RECORD_TYPES = ("image_array", "float", "float", "str", "float", "float")
 
 
+def sleep_until(target: float, clock: Callable[[], float]) -> None:
+    """Sleep to about a millisecond before ``target``, then spin: the thread holds the CPU (and
+    usually the GIL) at the moment it must act, instead of waking up late behind other threads."""
+    remaining = target - clock()
+    if remaining > 0.0015:
+        time.sleep(remaining - 0.001)
+    while clock() < target:
+        pass
+
+
 class DriveStartError(RuntimeError):
     """The core could not start: no first frame, a model that does not load, actuators that fail."""
 
@@ -163,6 +173,8 @@ class DriveCore:
         budget = config.inference_budget_ms / 1000.0
         heartbeat_timeout = config.heartbeat_timeout_ms / 1000.0
         timer_paced = config.pacing == "timer"
+        output_delay = config.output_delay_ms / 1000.0
+        tick = 0.0
         keeper = RateKeeper(config.rate_hz, clock=clock)
         metrics, supervisor, pilot = self.metrics, self.supervisor, self.pilot
         last_seq, frame_time = first.seq, first.timestamp
@@ -174,6 +186,7 @@ class DriveCore:
             start = clock()
             if timer_paced:
                 keeper.wait()
+                tick = keeper.next_deadline - period
                 frame = camera.read(last_seq, 0.0)
             else:
                 # Wake on the next frame, or the moment the newest one turns stale (then go
@@ -230,26 +243,34 @@ class DriveCore:
             else:
                 steering, throttle = 0.0, 0.0
                 self._ramp.reset(now)
-            t3 = clock()
+            computed = clock()
+            if output_delay > 0 and supervisor.ok:
+                # Fixed output time: the tick, or the frame's capture, plus the delay. (Neutral for a
+                # fault goes out at once.)
+                anchor = tick if timer_paced else (frame.timestamp if frame is not None and new_frame else now)
+                sleep_until(anchor + output_delay, clock)
+            actuation = clock()  # the command goes to the hardware now
             self._actuate(steering, throttle, now)
             done = clock()
 
             row[INDEX["preprocess_ms"]] = preprocess * 1e3
             row[INDEX["invoke_ms"]] = invoke * 1e3
-            row[INDEX["actuate_ms"]] = (done - t3) * 1e3
-            row[INDEX["overhead_ms"]] = (done - now - invoke) * 1e3
-            row[INDEX["frame_age_ms"]] = (done - frame_time) * 1e3
-            row[INDEX["period_error_ms"]] = abs(done - previous_actuation - period) * 1e3
+            row[INDEX["wait_ms"]] += (actuation - computed) * 1e3
+            row[INDEX["actuate_ms"]] = (done - actuation) * 1e3
+            row[INDEX["overhead_ms"]] = (computed - now - invoke) * 1e3  # the loop's own work up to the write
+            row[INDEX["frame_age_ms"]] = (actuation - frame_time) * 1e3
+            row[INDEX["period_error_ms"]] = abs(actuation - previous_actuation - period) * 1e3
             late = (done - now) > period
             row[INDEX["deadline_miss"]] = 1.0 if late else 0.0
             row[INDEX["steering"]] = steering
             row[INDEX["throttle"]] = throttle
+            row[INDEX["actuated"]] = actuation
             row[INDEX["frame_seq"]] = last_seq
             row[INDEX["decided"]] = 1.0 if invoke > 0.0 else 0.0
             if late:
                 metrics.deadline_misses += 1
             metrics.publish()
-            previous_actuation = done
+            previous_actuation = actuation
             self.heartbeat = done
 
             if new_frame and frame is not None and self.parts.recorder is not None:

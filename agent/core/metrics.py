@@ -16,16 +16,17 @@ from numpy.typing import NDArray
 
 FIELDS = (
     "start",  # cycle start, time.monotonic()
-    "period_error_ms",  # |actual - nominal| interval between actuations
+    "period_error_ms",  # |actual - nominal| interval between actuations (when each write begins)
     "frame_age_ms",  # capture to actuation
-    "wait_ms",  # waiting for the frame / the deadline
+    "wait_ms",  # waiting for the frame or the tick, and for the output time
     "preprocess_ms",
     "invoke_ms",
     "actuate_ms",
-    "overhead_ms",  # cycle work excluding wait and invoke
+    "overhead_ms",  # the loop's own work from frame in hand to the write, excluding invoke
     "deadline_miss",  # 1.0 when actuation came after the cycle's deadline
     "steering",
     "throttle",
+    "actuated",  # time.monotonic() when the write to the actuators began
     "frame_seq",  # the frame this cycle acted on
     "decided",  # 1.0 when the model ran on that frame in this cycle
 )

@@ -19,7 +19,8 @@ from agent.config import RealtimeConfig
 
 log = logging.getLogger(__name__)
 
-MCL_CURRENT, MCL_FUTURE = 1, 2
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+EINVAL = 22
 
 
 @dataclass
@@ -55,8 +56,14 @@ def configure_realtime(config: RealtimeConfig) -> RealtimeReport:
             )
 
     if config.lock_memory:
+        # MCL_ONFAULT (Linux 4.4+) locks pages as they are first touched instead of populating
+        # every mapping: what the loop uses can never be paged out, and the untouched parts of
+        # big shared libraries and 8 MiB thread stacks do not become resident.
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlockall(MCL_CURRENT | MCL_FUTURE) == 0:
+        result = libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)
+        if result != 0 and ctypes.get_errno() == EINVAL:
+            result = libc.mlockall(MCL_CURRENT | MCL_FUTURE)
+        if result == 0:
             report.applied.append("memory locked (mlockall)")
         else:
             errno = ctypes.get_errno()
