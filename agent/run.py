@@ -8,18 +8,20 @@ runs on its own thread. Ctrl-C or SIGTERM stops the core, which leaves the car a
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config import AgentConfig
 from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
 from agent.core.handoff import Event
-from agent.hw.factory import build_hardware
+from agent.hw.factory import HardwareUnavailableError, build_hardware
+from agent.hw.gpio import EStopButton, StatusLed
 from agent.pilot import Autopilot
 from agent.tub import TubRecorder, TubWriter
 
@@ -46,6 +48,23 @@ def status_line(status: dict[str, Any]) -> str:
     return (f"{status['mode']:11s} {status.get('rate_hz', 0):5.1f} Hz | period err p99 {period.get('p99', 0):5.2f} ms"
             f" | frame age p50 {age.get('p50', 0):5.1f} ms | invoke p50 {invoke.get('p50', 0):5.2f} ms"
             f" | steer {status['steering']:+.2f} throttle {status['throttle']:+.2f} | faults: {faults}")
+
+
+def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> StatusLed | None:
+    """The e-stop button feeds the core's command queue; the LED shows mode and faults."""
+    gpio = config.gpio
+    if gpio.estop_pin is None and gpio.status_led_pin is None:
+        return None
+    if gpio.pin_factory:
+        os.environ["GPIOZERO_PIN_FACTORY"] = gpio.pin_factory
+    try:
+        if gpio.estop_pin is not None:
+            stack.enter_context(closing(EStopButton(gpio.estop_pin, core.commands)))
+        if gpio.status_led_pin is not None:
+            return stack.enter_context(closing(StatusLed(gpio.status_led_pin)))
+    except Exception as exc:  # gpiozero raises its own hierarchy (BadPinFactory, PinInvalidPin, ...)
+        raise HardwareUnavailableError(f"GPIO: {type(exc).__name__}: {exc}") from None
+    return None
 
 
 def run(config: AgentConfig, *, duration: float | None = None, record: Path | None = None,
@@ -76,6 +95,7 @@ def run(config: AgentConfig, *, duration: float | None = None, record: Path | No
 
             core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder))
             stack.callback(core.stop)
+            led = attach_gpio(config, core, stack)
             core.start()
             if not core.wait_ready(READY_TIMEOUT):
                 for event in core.events.drain():
@@ -93,6 +113,9 @@ def run(config: AgentConfig, *, duration: float | None = None, record: Path | No
                 if core.stopped.is_set():
                     break
                 now = time.monotonic()
+                if led is not None:
+                    status = core.status()
+                    led.show(status["mode"], status["faults"])
                 if tty:
                     stream.write("\r" + status_line(core.status()) + "\033[K")
                     stream.flush()

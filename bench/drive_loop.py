@@ -142,9 +142,8 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
         core.start()
         if not core.wait_ready(60):
             raise SystemExit(f"our core did not start: {core.error}")
-        time.sleep(0.5)
-        first_actuation = float(core.metrics.recent(1)[0, INDEX["start"]])
         time.sleep(seconds)
+        first_actuation = float(core.metrics.rows[0, INDEX["actuated"]])  # row 0: the first cycle
         core.stop()
     rows = core.metrics.recent()[5:]  # the first cycles include warm-up effects for both loops
     ends = rows[:, INDEX["actuated"]]  # when each write began
