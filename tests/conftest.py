@@ -12,6 +12,15 @@ import pytest
 DONKEYCAR_REQUIRED = sys.version_info[:2] == (3, 11)
 
 
+def require_donkeycar(module: str):
+    """Import a donkeycar module: required on Python 3.11, a reasoned skip where it cannot install."""
+    import importlib
+
+    if DONKEYCAR_REQUIRED:
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason="donkeycar 5.x supports only Python 3.11")
+
+
 def import_donkeycar_tub():
     if DONKEYCAR_REQUIRED:
         from donkeycar.parts.tub_v2 import Tub

@@ -59,7 +59,7 @@ def test_frame_slot_wakes_a_waiting_reader() -> None:
     reader = threading.Thread(target=lambda: got.append(slot.read(0, 2.0)))
     reader.start()
     time.sleep(0.05)
-    slot.publish(np.zeros((2, 2, 3), np.uint8), time.monotonic())
+    slot.publish_image(np.zeros((2, 2, 3), np.uint8), time.monotonic())
     reader.join(2)
     assert got and got[0] is not None and got[0].seq == 1
     assert slot.read(1, 0.05) is None  # nothing newer

@@ -84,7 +84,7 @@ def test_stale_frames_put_the_car_in_neutral_within_a_period(rig: TwinRig) -> No
         rig.pause_frames.set()
         paused = time.monotonic()
         assert wait_for(lambda: "stale_frame" in core.status()["faults"], timeout=2)
-        last_frame = rig.slot._latest.timestamp
+        last_frame = rig.slot.latest.timestamp
         assert wait_for(lambda: rig.first_neutral_after(paused) is not None, timeout=1)
         neutral = rig.first_neutral_after(paused)
         assert neutral is not None
@@ -242,7 +242,7 @@ def test_throttle_multiplier_scales_the_models_throttle(rig: TwinRig) -> None:
 def test_start_fails_cleanly_without_frames(rig: TwinRig) -> None:
     rig.pause_frames.set()
     time.sleep(0.1)
-    rig.slot._latest = None
+    rig.slot.latest = None
     core = DriveCore(DriveConfig(realtime=NO_RT, mode="user"), DriveParts(rig, rig, None))
 
     original = drive.FIRST_FRAME_TIMEOUT

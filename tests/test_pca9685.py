@@ -7,6 +7,7 @@ import pytest
 from agent.config import CalibrationConfig, Pca9685Config
 from agent.hw.interfaces import ActuatorError
 from agent.hw.pca9685 import Pca9685Actuators, register_count, steering_count, throttle_count
+from tests.conftest import require_donkeycar
 from tests.fakes.i2c import FakePca9685Bus
 
 FULL_OFF_BIT = 0x1000
@@ -27,8 +28,7 @@ def test_throttle_counts_match_donkeycar(throttle: float, count: int) -> None:
 
 
 def test_against_donkeycars_own_arithmetic() -> None:
-    pytest.importorskip("donkeycar.utils", reason="donkeycar 5.x supports only Python 3.11")
-    from donkeycar.utils import map_range
+    map_range = require_donkeycar("donkeycar.utils").map_range
 
     cal = CalibrationConfig(steering_left_pwm=470, steering_right_pwm=280, throttle_forward_pwm=520,
                             throttle_stopped_pwm=380, throttle_reverse_pwm=230)

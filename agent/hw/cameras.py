@@ -18,38 +18,15 @@ import numpy as np
 from PIL import Image
 
 from agent.hw.interfaces import Frame
+from agent.hw.slot import LatestSlot
 
 
-class FrameSlot:
-    """Single-producer latest-frame slot with a wait for "newer than seq"."""
+class FrameSlot(LatestSlot[Frame]):
+    """Numbers frames as they are published."""
 
-    def __init__(self) -> None:
-        self._latest: Frame | None = None
-        self._condition = threading.Condition()
-        self.closed = False
-
-    def publish(self, image: np.ndarray, timestamp: float) -> None:
-        seq = 1 if self._latest is None else self._latest.seq + 1
-        with self._condition:
-            self._latest = Frame(seq, timestamp, image)
-            self._condition.notify_all()
-
-    def read(self, after_seq: int, timeout: float) -> Frame | None:
-        deadline = time.monotonic() + timeout
-        with self._condition:
-            while True:
-                latest = self._latest
-                if latest is not None and latest.seq > after_seq:
-                    return latest
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.closed:
-                    return None
-                self._condition.wait(remaining)
-
-    def close(self) -> None:
-        with self._condition:
-            self.closed = True
-            self._condition.notify_all()
+    def publish_image(self, image: np.ndarray, timestamp: float) -> None:
+        seq = 1 if self.latest is None else self.latest.seq + 1
+        self.publish(Frame(seq, timestamp, image))
 
 
 class _ThreadedCamera:
@@ -113,7 +90,7 @@ class TubReplayCamera(_ThreadedCamera):
             delay = deadline - time.monotonic()
             if delay > 0 and self._stop.wait(delay):
                 return
-            self.slot.publish(array, time.monotonic())
+            self.slot.publish_image(array, time.monotonic())
 
 
 class Picamera2Camera(_ThreadedCamera):
@@ -156,7 +133,7 @@ class Picamera2Camera(_ThreadedCamera):
             finally:
                 request.release()
             timestamp = sensor_ns / 1e9 if sensor_ns else time.monotonic()
-            self.slot.publish(image, timestamp)
+            self.slot.publish_image(image, timestamp)
 
     def close(self) -> None:
         super().close()
@@ -198,7 +175,7 @@ class V4l2Camera(_ThreadedCamera):
                 continue
             if bgr.shape[:2] != (self.height, self.width):
                 bgr = cv2.resize(bgr, (self.width, self.height), interpolation=cv2.INTER_AREA)
-            self.slot.publish(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), timestamp)
+            self.slot.publish_image(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), timestamp)
 
     def close(self) -> None:
         super().close()

@@ -52,7 +52,7 @@ class TwinRig:
             if self.corrupt_pixel:
                 image = image.copy()
                 image[0, 0] = (255, 255, 255)
-            self.slot.publish(image, time.monotonic())
+            self.slot.publish_image(image, time.monotonic())
 
     def close(self) -> None:
         self._stop.set()

@@ -25,6 +25,7 @@ from PIL import Image
 
 from agent.hw.donkeysim import DEFAULT_PORT
 from agent.hw.donkeysim.framing import JsonObjectSplitter, encode
+from agent.hw.slot import LatestSlot
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,9 @@ class SimClient:
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
         self._send_lock = threading.Lock()  # control and config may come from two threads
-        self._new_data = threading.Condition()
+        self._telemetry: LatestSlot[Telemetry] = LatestSlot()
         self._loaded = threading.Event()
         self._closed = threading.Event()
-        self.latest: Telemetry | None = None
         self.scene_names: list[str] = []
         self.laps = 0  # collision_with_starting_line messages received
         self.bad_frames = 0
@@ -128,8 +128,7 @@ class SimClient:
             self._sock.close()
         if self._reader is not None and self._reader is not threading.current_thread():
             self._reader.join(2.0)
-        with self._new_data:
-            self._new_data.notify_all()
+        self._telemetry.close()
 
     def __enter__(self) -> SimClient:
         return self.connect()
@@ -157,18 +156,13 @@ class SimClient:
         self.send({"msg_type": "reset_car"})
 
     # -- inbound ---------------------------------------------------------------------------
+    @property
+    def latest(self) -> Telemetry | None:
+        return self._telemetry.latest
+
     def wait_next(self, after_seq: int, timeout: float) -> Telemetry | None:
         """The first telemetry newer than ``after_seq``, or None on timeout or disconnect."""
-        deadline = time.monotonic() + timeout
-        with self._new_data:
-            while True:
-                latest = self.latest
-                if latest is not None and latest.seq > after_seq:
-                    return latest
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._closed.is_set():
-                    return None
-                self._new_data.wait(remaining)
+        return self._telemetry.read(after_seq, timeout)
 
     def _read_loop(self) -> None:
         splitter = JsonObjectSplitter(max_object_bytes=MAX_INBOUND_OBJECT)
@@ -188,8 +182,7 @@ class SimClient:
             if not self._closed.is_set():
                 log.warning("simulator %s:%s: %s", self.host, self.port, self.disconnect_reason)
             self._closed.set()
-            with self._new_data:
-                self._new_data.notify_all()
+            self._telemetry.close()
 
     def _handle(self, message: dict[str, Any]) -> None:
         kind = message.get("msg_type")
@@ -225,7 +218,4 @@ class SimClient:
                 log.warning("undecodable camera frame from the simulator: %s", exc)
             return
         self._seq += 1
-        telemetry = Telemetry(self._seq, time.monotonic(), image, message, image_b)
-        with self._new_data:
-            self.latest = telemetry
-            self._new_data.notify_all()
+        self._telemetry.publish(Telemetry(self._seq, time.monotonic(), image, message, image_b))
