@@ -140,3 +140,29 @@ def test_memory_model_feeds_back_its_own_outputs() -> None:
     assert pilot.memory[-1] == (out.angle, out.throttle)
     pilot.reset()
     assert list(pilot.memory) == [(0.0, 0.2)] * 3
+
+
+def test_tflite_runtime_fallback_gives_the_same_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ai-edge-litert the car falls back to tflite-runtime, with identical results."""
+    import sys
+
+    if sys.version_info[:2] != (3, 11):
+        pytest.importorskip("tflite_runtime", reason="tflite-runtime has no wheels for Python >= 3.12")
+    preferred = Autopilot(MODELS / "categorical.tflite")
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    fallback = Autopilot(MODELS / "categorical.tflite")
+    assert (preferred.runtime, fallback.runtime) == ("ai_edge_litert", "tflite_runtime")
+    for frame in frames():
+        assert fallback.run(frame) == preferred.run(frame)
+
+
+def test_no_runtime_at_all_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from agent.pilot.runtime import RuntimeUnavailableError, interpreter_class
+
+    for name in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(RuntimeUnavailableError, match="pip install ai-edge-litert"):
+        interpreter_class()
