@@ -22,7 +22,7 @@ from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
 from agent.core.handoff import Event
 from agent.hw.factory import HardwareUnavailableError, build_hardware
 from agent.hw.gpio import EStopButton, StatusLed
-from agent.pilot import Autopilot
+from agent.pilot import Autopilot, ModelError
 from agent.tub import TubRecorder, TubWriter
 
 log = logging.getLogger("donkey-agent")
@@ -103,7 +103,7 @@ def run(config: AgentConfig, *, duration: float | None = None, record: Path | No
                 core.stop()
                 if core.error is None:
                     log.error("the drive core did not become ready within %.0f s", READY_TIMEOUT)
-                return EXIT_DATAERR if core.error.__class__.__name__ == "ModelError" else EXIT_FAILED
+                return EXIT_DATAERR if isinstance(core.error, ModelError) else EXIT_FAILED
             started = time.monotonic()
             tty = stream.isatty()
             last_report = 0.0

@@ -143,3 +143,17 @@ def test_realtime_setup_falls_back_cleanly_where_the_os_refuses() -> None:
     assert any(item.startswith("mlockall") for item in report["refused"])
     assert "CPU affinity [0]" in report["applied"]
     assert result.stderr.count("real-time set-up partly refused, driving anyway") == 1
+
+
+def test_a_model_the_car_cannot_run_exits_65_and_leaves_neutral(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    twin, port = start_twin("--track", "generated_track", "--summary", str(summary))
+    try:
+        result = agent("run", "--sim", f"127.0.0.1:{port}", "--model", str(MODELS / "rnn.tflite"), timeout=60)
+    finally:
+        twin.send_signal(signal.SIGTERM)
+        twin.wait(timeout=20)
+    assert result.returncode == 65, result.stderr
+    assert "Flex delegate" in result.stderr
+    (car,) = json.loads(summary.read_text())["cars"]
+    assert car["distance_m"] < 0.05  # it never moved

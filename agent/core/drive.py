@@ -226,9 +226,10 @@ class DriveCore:
                     failure = f"{type(exc).__name__}: {exc}"
                 preprocess, invoke = (t1 - t0), (t2 - t1)
                 overruns = overruns + 1 if invoke > budget else 0
+                overrun = overruns >= config.overrun_limit
                 supervisor.observe(Fault.INFERENCE_ERROR, bool(failure), now, failure)
-                supervisor.observe(Fault.INFERENCE_OVERRUN, overruns >= config.overrun_limit, now,
-                                   f"{overruns} inferences over {config.inference_budget_ms:.0f} ms")
+                supervisor.observe(Fault.INFERENCE_OVERRUN, overrun, now,
+                                   f"{overruns} inferences over {config.inference_budget_ms:.0f} ms" if overrun else "")
             elif self.mode not in NEEDS_PILOT:
                 supervisor.observe(Fault.INFERENCE_ERROR, False, now)
                 supervisor.observe(Fault.INFERENCE_OVERRUN, False, now)
