@@ -58,7 +58,8 @@ demo() {
     local twin=$!
     trap 'kill -TERM $twin 2>/dev/null || true' EXIT
     say "donkey-agent drives for ${seconds}s with the shipped autopilot (models/pilot.tflite); Ctrl-C stops it safely"
-    "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds"
+    "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds" \
+        --record out/demo-tub
     kill -TERM "$twin"
     wait "$twin" || true
     trap - EXIT
