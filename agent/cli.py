@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -66,9 +65,9 @@ def _run(args: argparse.Namespace) -> int:
     from agent.hw.donkeysim.client import SimError
     from agent.hw.factory import HardwareUnavailableError
     from agent.run import EXIT_CONFIG, EXIT_UNAVAILABLE, run
+    from agent.service.logs import configure_logging
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
     try:
         config = load(path)
@@ -94,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"donkey-agent: invalid config:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return run(config, duration=args.duration, record=args.record)
+        return run(config, config_path=path, duration=args.duration, record=args.record)
     except (HardwareUnavailableError, SimError) as exc:
         print(f"donkey-agent: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -1,34 +1,45 @@
-"""``donkey-agent run``: start the drive core on the configured hardware and supervise it.
+"""``donkey-agent run``: the asyncio supervisor around the drive core, on a terminal or under systemd.
 
-The main thread owns the lifecycle and I/O (signals, logs, the status line); the drive core
-runs on its own thread. Ctrl-C or SIGTERM stops the core, which leaves the car at neutral.
-(The systemd-managed asyncio supervisor of issue 4 replaces this loop; the core is the same.)
+The event loop owns I/O and lifecycles (signals, sd_notify, logs, the status line); the drive
+core runs on its own thread and never waits on this loop. Every task lives in one TaskGroup
+and stops on the same event: SIGTERM/SIGINT, the requested duration, or the core ending.
+``READY=1`` goes out only once the core is warm (camera streaming, first inference done,
+actuators at neutral); ``WATCHDOG=1`` only while the core cycles and its outputs are accepted
+(see ``DriveCore.health``) and this loop is responsive, never tied to any network link.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any, TextIO
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError, load
 from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
-from agent.core.handoff import Event
+from agent.core.handoff import Command, Event
 from agent.hw.factory import HardwareUnavailableError, build_hardware
 from agent.hw.gpio import EStopButton, StatusLed
+from agent.hw.interfaces import Actuators, Camera
 from agent.pilot import Autopilot, ModelError
+from agent.service.notify import Notifier, watchdog_interval
 from agent.tub import TubRecorder, TubWriter
 
 log = logging.getLogger("donkey-agent")
 
 EXIT_OK, EXIT_FAILED, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 65, 69, 78
 READY_TIMEOUT = 45.0
+STOP_TIMEOUT = 5.0
+LIVE_KEYS = {"drive.max_throttle"}  # what SIGHUP can change without a restart
+
+BuildHardware = Callable[[AgentConfig, ExitStack], tuple[Camera, Actuators]]
 
 
 def log_event(event: Event) -> None:
@@ -50,6 +61,13 @@ def status_line(status: dict[str, Any]) -> str:
             f" | steer {status['steering']:+.2f} throttle {status['throttle']:+.2f} | faults: {faults}")
 
 
+def short_status(status: dict[str, Any]) -> str:
+    """systemd's STATUS=: what `systemctl status` shows on one line."""
+    faults = ", ".join(status["faults"]) or "none"
+    p99 = status.get("period_error_ms", {}).get("p99", 0)
+    return f"{status['mode']}, {status.get('rate_hz', 0):.1f} Hz, p99 period error {p99:.2f} ms, faults: {faults}"
+
+
 def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> StatusLed | None:
     """The e-stop button feeds the core's command queue; the LED shows mode and faults."""
     gpio = config.gpio
@@ -67,25 +85,64 @@ def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> Statu
     return None
 
 
-def run(config: AgentConfig, *, duration: float | None = None, record: Path | None = None,
-        stream: TextIO = sys.stderr) -> int:
-    stop = threading.Event()
-    reason = {"why": ""}
+def changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
+    def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
 
-    def on_signal(signum: int, _frame: object) -> None:
-        reason["why"] = signal.Signals(signum).name
-        stop.set()
+    a, b = flatten(old.model_dump(exclude={"source"})), flatten(new.model_dump(exclude={"source"}))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+
+class Supervisor:
+    def __init__(self, config: AgentConfig, *, config_path: Path | None = None, duration: float | None = None,
+                 record: Path | None = None, stream: TextIO = sys.stderr,
+                 build: BuildHardware = build_hardware) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.duration = duration
+        self.record = record
+        self.stream = stream
+        self.build = build
+        self.notifier = Notifier()
+        self.stop = asyncio.Event()
+        self.reason = ""
+        self.core: DriveCore | None = None
+        self.watchdog_withheld = ""
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.reason = reason
+            self.stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            return await self._run()
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+
+    async def _run(self) -> int:
+        notifier = self.notifier
         with ExitStack() as stack:
-            camera, actuators = build_hardware(config, stack)
+            notifier.status("starting: opening the camera and actuators")
+            notifier.extend_timeout(30)
+            camera, actuators = await asyncio.to_thread(self.build, self.config, stack)
             recorder = None
-            if record is not None:
-                writer = TubWriter(record, RECORD_INPUTS, RECORD_TYPES, metadata={"source": "donkey-agent run"})
-                recorder = TubRecorder(writer, capacity=config.recording.queue)
+            if self.record is not None:
+                writer = TubWriter(self.record, RECORD_INPUTS, RECORD_TYPES, metadata={"source": "donkey-agent run"})
+                recorder = TubRecorder(writer, capacity=self.config.recording.queue)
                 stack.callback(recorder.close)
-            autopilot = config.autopilot
+            autopilot = self.config.autopilot
             make_pilot = None
             if autopilot.model is not None:
                 model_path = autopilot.model
@@ -93,54 +150,126 @@ def run(config: AgentConfig, *, duration: float | None = None, record: Path | No
                 def make_pilot() -> Autopilot:
                     return Autopilot(model_path, kind=autopilot.kind, num_threads=autopilot.num_threads)
 
-            core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder))
-            stack.callback(core.stop)
-            led = attach_gpio(config, core, stack)
+            core = self.core = DriveCore(self.config.drive, DriveParts(camera, actuators, make_pilot, recorder))
+            stack.callback(core.stop, STOP_TIMEOUT)
+            led = attach_gpio(self.config, core, stack)
+            notifier.status("starting: loading the model and warming up")
             core.start()
-            if not core.wait_ready(READY_TIMEOUT):
-                for event in core.events.drain():
-                    log_event(event)
-                core.stop()
-                if core.error is None:
-                    log.error("the drive core did not become ready within %.0f s", READY_TIMEOUT)
-                return EXIT_DATAERR if isinstance(core.error, ModelError) else EXIT_FAILED
-            started = time.monotonic()
-            tty = stream.isatty()
-            last_report = 0.0
-            while not stop.wait(0.25):
-                for event in core.events.drain():
-                    log_event(event)
-                if core.stopped.is_set():
-                    break
-                now = time.monotonic()
-                if led is not None:
-                    status = core.status()
-                    led.show(status["mode"], status["faults"])
-                if tty:
-                    stream.write("\r" + status_line(core.status()) + "\033[K")
-                    stream.flush()
-                elif now - last_report >= 5.0:
-                    log.info("%s", status_line(core.status()))
-                    last_report = now
-                if duration is not None and now - started >= duration:
-                    reason["why"] = f"duration of {duration:g} s reached"
-                    break
-            if tty:
-                stream.write("\n")
-            stopped_cleanly = core.stop()
-            for event in core.events.drain():
-                log_event(event)
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not await asyncio.to_thread(core.wait_ready, 1.0):
+                if core.stopped.is_set() or time.monotonic() > deadline:
+                    self.drain_events()
+                    if core.error is None:
+                        log.error("the drive core did not become ready within %.0f s", READY_TIMEOUT)
+                    return EXIT_DATAERR if isinstance(core.error, ModelError) else EXIT_FAILED
+                notifier.extend_timeout(5)
+            self.drain_events()
+            notifier.ready(short_status(core.status()))
+            log.info("ready: %s", short_status(core.status()))
+
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._watch_core(core), name="watch-core")
+                tasks.create_task(self._report(core, led), name="report")
+                interval = watchdog_interval()
+                if interval is not None:
+                    tasks.create_task(self._watchdog(core, interval), name="watchdog")
+                if self.duration is not None:
+                    tasks.create_task(self._stop_after(self.duration), name="duration")
+
+            notifier.stopping(f"stopping ({self.reason})")
+            stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
+            self.drain_events()
+            if self.stream.isatty():
+                self.stream.write("\n")
             summary = core.status()
             log.info("stopped (%s): %d cycles, %d deadline misses, %d frames missed, %d dropped; "
-                     "period error p99 %s ms", reason["why"] or "drive core ended", summary["cycles"],
+                     "period error p99 %s ms", self.reason or "drive core ended", summary["cycles"],
                      summary["deadline_misses"], summary["frames_missed"], summary["frames_dropped"],
                      summary.get("period_error_ms", {}).get("p99"))
             if recorder is not None:
                 log.info("recorded %d records to %s (%d dropped)", recorder.written + recorder.backlog,
-                         record, recorder.dropped)
+                         self.record, recorder.dropped)
             if core.error is not None or not stopped_cleanly:
                 return EXIT_FAILED
             return EXIT_OK
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+
+    def drain_events(self) -> None:
+        if self.core is not None:
+            for event in self.core.events.drain():
+                log_event(event)
+
+    async def _stop_after(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        self.request_stop(f"duration of {seconds:g} s reached")
+
+    async def _watch_core(self, core: DriveCore) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.1)
+            if core.stopped.is_set():
+                self.request_stop("the drive core ended")
+
+    async def _report(self, core: DriveCore, led: StatusLed | None) -> None:
+        tty = self.stream.isatty()
+        last_status = last_log = 0.0
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.25)
+            self.drain_events()
+            status = core.status()
+            now = time.monotonic()
+            if led is not None:
+                led.show(status["mode"], status["faults"])
+            if now - last_status >= 1.0:
+                self.notifier.status(short_status(status))
+                last_status = now
+            if tty:
+                self.stream.write("\r" + status_line(status) + "\033[K")
+                self.stream.flush()
+            elif now - last_log >= 5.0 and not self.notifier.enabled:
+                log.info("%s", status_line(status))
+                last_log = now
+
+    async def _watchdog(self, core: DriveCore, interval: float) -> None:
+        """Ping only while the core is healthy and this loop is on time."""
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            expected = loop.time() + interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), interval)
+            lag = loop.time() - expected
+            problem = core.health(core.clock())
+            if not problem and lag > interval:
+                problem = f"the event loop is {lag:.1f} s late"
+            if problem:
+                if problem != self.watchdog_withheld:
+                    log.error("withholding the watchdog: %s", problem)
+                self.watchdog_withheld = problem
+                continue
+            self.watchdog_withheld = ""
+            self.notifier.watchdog()
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change live; name what needs a restart; keep going on a bad file."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload (started without one)")
+            return
+        try:
+            new = load(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the running config, the file is invalid:\n%s", exc)
+            return
+        changed = changed_keys(self.config, new)
+        live = [k for k in changed if k in LIVE_KEYS]
+        if "drive.max_throttle" in live and self.core is not None:
+            self.core.commands.push(Command("set_max_throttle", new.drive.max_throttle, source="reload"))
+        restart = [k for k in changed if k not in LIVE_KEYS]
+        log.info("SIGHUP: reloaded %s; applied live: %s; needs a restart: %s", self.config_path,
+                 ", ".join(live) or "nothing", ", ".join(restart) or "nothing")
+
+
+def run(config: AgentConfig, *, config_path: Path | None = None, duration: float | None = None,
+        record: Path | None = None, stream: TextIO = sys.stderr) -> int:
+    supervisor = Supervisor(config, config_path=config_path, duration=duration, record=record, stream=stream)
+    return asyncio.run(supervisor.run())

@@ -80,6 +80,7 @@ class DriveCore:
         self.realtime: RealtimeReport | None = None
         self.heartbeat = 0.0  # clock() at the end of the last cycle: the watchdog's view of liveness
         self.last_output = (0.0, 0.0)  # what the actuators were last told
+        self.last_write_ok = 0.0  # clock() of the last write the actuators accepted
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self.stopped = threading.Event()
@@ -114,6 +115,21 @@ class DriveCore:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def health(self, now: float) -> str:
+        """Why the core is not healthy, or "" when it is: alive, cycling, and its outputs accepted.
+
+        ``now`` is on the core's clock. A core waiting for frames still cycles (at least once
+        per max frame age), so a silent heartbeat means a hung thread, not a missing camera.
+        """
+        if not self.alive or not self.ready.is_set():
+            return "the drive core is not running"
+        limit = 2 * max(1.0 / self.config.rate_hz, self.config.max_frame_age_ms / 1000.0) + 0.2
+        if now - self.heartbeat > limit:
+            return f"the drive core has not completed a cycle for {now - self.heartbeat:.1f} s"
+        if now - self.last_write_ok > limit:
+            return f"the actuators have not accepted a command for {now - self.last_write_ok:.1f} s"
+        return ""
+
     def status(self) -> dict[str, Any]:
         """A snapshot for STATUS=, the terminal line and telemetry (reader side; copies)."""
         summary = self.metrics.summary(200)
@@ -137,6 +153,7 @@ class DriveCore:
             if self.mode in NEEDS_PILOT and self.pilot is None:
                 raise DriveStartError(f"mode {self.mode!r} needs an autopilot model (autopilot.model)")
             actuators.arm()
+            self.last_write_ok = self.clock()
             first = self.parts.camera.read(-1, FIRST_FRAME_TIMEOUT)
             if first is None:
                 raise DriveStartError(f"no camera frame within {FIRST_FRAME_TIMEOUT:.0f} s")
@@ -287,6 +304,7 @@ class DriveCore:
             try:
                 actuators.write(steering, throttle)
                 self.last_output = (steering, throttle)
+                self.last_write_ok = now
                 return
             except ActuatorError as exc:
                 if attempt == 2:
@@ -294,6 +312,7 @@ class DriveCore:
         try:
             actuators.neutral()
             self.last_output = (0.0, 0.0)
+            self.last_write_ok = now
         except ActuatorError:
             pass  # already latched; keep trying neutral every cycle
 

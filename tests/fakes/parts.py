@@ -30,6 +30,7 @@ class TwinRig:
         self.pause_frames = threading.Event()
         self.corrupt_pixel = False
         self.fail_writes = 0
+        self.hang = threading.Event()  # set: writes block until cleared (a hung I2C bus)
         self.closed = False
         self._command = (0.0, 0.0)
         self._stop = threading.Event()
@@ -55,6 +56,7 @@ class TwinRig:
             self.slot.publish_image(image, time.monotonic())
 
     def close(self) -> None:
+        self.hang.clear()
         self._stop.set()
         self._thread.join(2)
         self.slot.close()
@@ -69,6 +71,8 @@ class TwinRig:
         self.neutral()
 
     def write(self, steering: float, throttle: float) -> None:
+        while self.hang.is_set() and not self._stop.is_set():
+            time.sleep(0.01)
         if self.fail_writes > 0:
             self.fail_writes -= 1
             raise ActuatorError("I2C: [Errno 5] Input/output error (injected)")

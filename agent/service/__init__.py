@@ -1,0 +1,1 @@
+"""Running as a service: sd_notify, journald-friendly logs, safe-stop and doctor."""
