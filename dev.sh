@@ -10,8 +10,8 @@ cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-# Debian packages the tests use (later issues add mosquitto, systemd-container, ...).
-TEST_DEBS=(python3-venv python3-dev)
+# Debian packages the tests use: systemd for systemd-analyze, util-linux for setpriv and prlimit.
+TEST_DEBS=(python3-venv python3-dev systemd util-linux)
 DEMO_DEBS=(python3-venv)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, help="an (N, 120, 160, 3) uint8 .npy array to run through the model")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--kind", default="auto", help="override the kind detected from the signature")
+    stop = commands.add_parser("safe-stop", help="put the configured actuators in neutral (systemd ExecStopPost)")
+    stop.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
+    doctor = commands.add_parser("doctor", help="check this car: config, devices, permissions, real time, model")
+    doctor.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
     imp = commands.add_parser("import-calibration",
                               help="print the [actuators] section for a calibrated DonkeyCar's myconfig.py")
     imp.add_argument("myconfig", type=Path)
@@ -103,6 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command in ("safe-stop", "doctor"):
+        path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+        if args.command == "doctor":
+            from agent.service.doctor import FAIL, format_table, run_checks
+
+            checks = run_checks(path)
+            print(format_table(checks))
+            return 1 if any(c.result == FAIL for c in checks) else 0
+        from agent.service.safestop import safe_stop
+
+        try:
+            config = load(path)
+        except ConfigError as exc:
+            print(f"donkey-agent safe-stop: invalid config:\n{exc}", file=sys.stderr)
+            return 78
+        code, text = safe_stop(config)
+        print(text, file=sys.stderr if code else sys.stdout)
+        return code
     if args.command == "import-calibration":
         from agent.hw.donkeycar_import import DonkeyConfigError, import_myconfig, to_toml
 

@@ -16,6 +16,7 @@ class FakePca9685Bus:
         self.registers[0xFE] = 0x1E  # PRESCALE power-on default (200 Hz)
         self.writes: list[tuple[int, bytes]] = []  # (first register, data) in order
         self.fail_next = 0  # raise OSError(EIO) on this many following transfers
+        self.fail_led_writes = 0  # ...or only on this many following writes to the LED (PWM) registers
         self._locked = False
 
     # -- busio.I2C API -------------------------------------------------------------------------
@@ -41,6 +42,9 @@ class FakePca9685Bus:
         if not data:
             return  # a probe
         register, payload = data[0], data[1:]
+        if payload and 0x06 <= register <= 0x45 and self.fail_led_writes:
+            self.fail_led_writes -= 1
+            raise OSError(5, "Input/output error")
         for offset, value in enumerate(payload):
             self.registers[(register + offset) & 0xFF] = value
         if payload:

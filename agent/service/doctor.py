@@ -1,0 +1,130 @@
+"""``donkey-agent doctor``: what a field technician needs to know about a car, with fixes.
+
+Each check returns PASS, WARN or FAIL with a detail and, when not passing, the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.config import AgentConfig, ConfigError, load
+
+PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: str
+    detail: str
+    fix: str = ""
+
+
+def _device(path: str, what: str, group: str) -> Check:
+    if not Path(path).exists():
+        return Check(what, FAIL, f"{path} does not exist", "enable it (raspi-config / config.txt) and reboot")
+    if not os.access(path, os.R_OK | os.W_OK):
+        return Check(what, FAIL, f"{path} exists but this user cannot use it",
+                     f"add the agent's user to the {group} group (usermod -aG {group} donkey)")
+    return Check(what, PASS, f"{path} is usable")
+
+
+def _realtime(config: AgentConfig) -> list[Check]:
+    checks = []
+    wanted = config.drive.realtime.priority
+    soft, _ = resource.getrlimit(resource.RLIMIT_RTPRIO)
+    if wanted == 0:
+        checks.append(Check("real-time priority", PASS, "not requested (drive.realtime.priority = 0)"))
+    elif os.geteuid() == 0:
+        checks.append(Check("real-time priority", PASS, f"SCHED_FIFO {wanted} allowed (running as root)"))
+    elif soft == resource.RLIM_INFINITY or soft >= wanted:
+        checks.append(Check("real-time priority", PASS, f"SCHED_FIFO {wanted} allowed (RLIMIT_RTPRIO {soft})"))
+    else:
+        checks.append(Check("real-time priority", WARN, f"RLIMIT_RTPRIO is {soft}, below {wanted}: the agent drives "
+                            "without real-time scheduling", "run under the shipped unit (LimitRTPRIO=60)"))
+    if config.drive.realtime.lock_memory:
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        if os.geteuid() == 0 or soft == resource.RLIM_INFINITY:
+            checks.append(Check("memory locking", PASS, "mlockall allowed"))
+        else:
+            checks.append(Check("memory locking", WARN, f"RLIMIT_MEMLOCK is {soft} bytes: mlockall will be refused",
+                                "run under the shipped unit (LimitMEMLOCK=infinity)"))
+    return checks
+
+
+def _simulator(config: AgentConfig) -> Check:
+    address = f"{config.twin.host}:{config.twin.port}"
+    try:
+        with socket.create_connection((config.twin.host, config.twin.port), timeout=2.0):
+            return Check("simulator", PASS, f"{address} accepts connections")
+    except OSError as exc:
+        return Check("simulator", FAIL, f"{address}: {exc.strerror or exc}",
+                     "start it: donkey-sim --track generated_track")
+
+
+def _model(config: AgentConfig) -> Check:
+    path = config.autopilot.model
+    if path is None:
+        if config.drive.mode == "user":
+            return Check("autopilot model", PASS, "none configured (user mode)")
+        return Check("autopilot model", FAIL, f"mode {config.drive.mode!r} needs autopilot.model",
+                     "set autopilot.model in the config")
+    from agent.pilot.check import check_model
+    from agent.pilot.model import ModelError
+
+    try:
+        started = time.perf_counter()
+        report = check_model(path, kind=config.autopilot.kind, num_threads=config.autopilot.num_threads)
+        load_s = time.perf_counter() - started
+    except (ModelError, ValueError) as exc:
+        return Check("autopilot model", FAIL, str(exc), "use a linear/categorical/... model; see model check")
+    invoke = report["invoke_ms"]
+    budget = config.drive.inference_budget_ms
+    result = PASS if invoke["p99"] < budget else WARN
+    return Check("autopilot model", result,
+                 f"{report['kind']} model loads in {load_s:.1f} s; invoke p50 {invoke['p50']:.1f} ms, "
+                 f"p99 {invoke['p99']:.1f} ms (budget {budget:.0f} ms)",
+                 "" if result == PASS else "a smaller model, or more autopilot.num_threads")
+
+
+def run_checks(config_path: Path | None) -> list[Check]:
+    checks: list[Check] = []
+    try:
+        config = load(config_path)
+        checks.append(Check("config", PASS, f"{config_path or 'defaults'} is valid"))
+    except ConfigError as exc:
+        return [Check("config", FAIL, str(exc), "fix the named keys; docs/operating.md lists them all")]
+    if "twin" in (config.camera.backend, config.actuators.backend):
+        checks.append(_simulator(config))
+    if config.actuators.backend == "pca9685":
+        checks.append(_device(f"/dev/i2c-{config.actuators.pca9685.i2c_bus}", "I2C bus (PCA9685)", "i2c"))
+    if config.gpio.estop_pin or config.gpio.status_led_pin:
+        checks.append(_device("/dev/gpiochip0", "GPIO chip", "gpio"))
+    if config.camera.backend == "v4l2":
+        checks.append(_device(config.camera.device, "camera (V4L2)", "video"))
+    elif config.camera.backend == "picamera2":
+        media = sorted(Path("/dev").glob("media*"))
+        checks.append(_device(str(media[0]), "camera (libcamera)", "video") if media
+                      else Check("camera (libcamera)", FAIL, "no /dev/media* device", "connect the camera ribbon; "
+                                 "camera_auto_detect=1 in config.txt"))
+    checks += _realtime(config)
+    checks.append(_model(config))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for check in checks:
+        lines.append(f"{check.result}  {check.name:<{width}}  {check.detail}")
+        if check.fix and check.result != PASS:
+            lines.append(f"{'':4}  {'':<{width}}  fix: {check.fix}")
+    failed = sum(c.result == FAIL for c in checks)
+    warned = sum(c.result == WARN for c in checks)
+    lines.append(f"{len(checks)} checks: {failed} failed, {warned} warnings")
+    return "\n".join(lines)

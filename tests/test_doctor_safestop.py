@@ -1,0 +1,76 @@
+"""`donkey-agent safe-stop` and `donkey-agent doctor`."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.config import validate
+from agent.service.safestop import safe_stop
+from tests.fakes.i2c import FakePca9685Bus
+from tests.test_cli import start_twin
+
+ROOT = Path(__file__).parent.parent
+PCA = validate({"actuators": {"backend": "pca9685", "pca9685": {"steering_channel": 1, "throttle_channel": 0}}}, "t")
+
+
+def test_safe_stop_writes_neutral_and_is_idempotent() -> None:
+    bus = FakePca9685Bus()
+    bus.registers[0x06:0x0A] = bytes([0, 0, 0xF4, 0x01])  # throttle channel left at full forward (500)
+    for _ in range(2):
+        code, text = safe_stop(PCA, i2c=bus)
+        assert code == 0 and "at neutral" in text
+        assert bus.channel(0) == (0, 370) and bus.channel(1) == (0, 375)
+
+
+def test_safe_stop_retries_a_flaky_bus_and_reports_a_dead_one() -> None:
+    bus = FakePca9685Bus()
+    code, _ = safe_stop(PCA, i2c=bus)
+    bus.fail_led_writes = 2  # two failed writes, then the bus answers again
+    code, text = safe_stop(PCA, i2c=bus)
+    assert code == 0 and bus.channel(0) == (0, 370)
+    bus.fail_led_writes = 10_000
+    code, text = safe_stop(PCA, i2c=bus)
+    assert code == 1 and "could not write neutral" in text
+
+
+def test_safe_stop_without_the_board_exits_69() -> None:
+    code, text = safe_stop(PCA, i2c=FakePca9685Bus(address=0x41))
+    assert code == 69 and "no PCA9685 at 0x40" in text
+
+
+def doctor(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "doctor", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_doctor_passes_a_working_setup(tmp_path: Path) -> None:
+    twin, port = start_twin("--track", "generated_track")
+    config = tmp_path / "agent.toml"
+    config.write_text(f"[twin]\nport = {port}\n[autopilot]\nmodel = \"{ROOT / 'models' / 'pilot.tflite'}\"\n")
+    try:
+        result = doctor(config)
+    finally:
+        twin.send_signal(signal.SIGTERM)
+        twin.wait(20)
+    assert result.returncode == 0, result.stdout
+    assert "PASS  config" in result.stdout and "PASS  simulator" in result.stdout
+    assert "PASS  autopilot model     linear model loads" in result.stdout
+    assert ": 0 failed" in result.stdout
+
+
+def test_doctor_names_failures_and_fixes(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text("[actuators]\nbackend = 'pca9685'\n[actuators.pca9685]\ni2c_bus = 7\n[camera]\nbackend = 'v4l2'\n"
+                      "device = '/dev/video9'\n[twin]\nport = 9\n[autopilot]\nmodel = 'missing.tflite'\n")
+    result = doctor(config)
+    assert result.returncode == 1
+    out = result.stdout
+    assert "FAIL  I2C bus (PCA9685)" in out and "/dev/i2c-7 does not exist" in out
+    assert "FAIL  camera (V4L2)" in out and "FAIL  autopilot model" in out and "no such model file" in out
+    assert "fix: " in out
+    config.write_text("[drive]\nmode = 'turbo'\n")
+    result = doctor(config)
+    assert result.returncode == 1 and "FAIL  config" in result.stdout and "drive.mode" in result.stdout
