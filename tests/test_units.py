@@ -12,8 +12,10 @@ import pytest
 
 ROOT = Path(__file__).parent.parent
 UNITS = ["donkey-agent.service", "donkey-sim.service"]
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                reason="systemd-analyze comes with Debian's systemd package (./dev.sh test installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze comes with Debian's systemd package (./dev.sh test installs it)",
+)
 
 
 def installed_copy(unit: str, tmp_path: Path) -> Path:
@@ -44,11 +46,14 @@ def test_hardening_rates_2_0_or_better(unit: str, tmp_path: Path) -> None:
 
 def test_agent_unit_keeps_its_promises() -> None:
     text = (ROOT / "systemd" / "donkey-agent.service").read_text()
-    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78",
-                 "Wants=network-online.target keylime_agent.service", "DevicePolicy=closed", "LimitRTPRIO=",
-                 "LimitMEMLOCK=infinity", "RestrictRealtime=no", "ExecStopPost=/opt/donkey-agent/venv/bin/donkey-agent "
-                 "safe-stop", "SupplementaryGroups=i2c gpio video", "StateDirectory=", "ConfigurationDirectory=",
-                 "LogsDirectory="):
+    promises = (
+        "Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "RestartPreventExitStatus=78",
+        "Wants=network-online.target keylime_agent.service", "DevicePolicy=closed", "LimitRTPRIO=",
+        "LimitMEMLOCK=infinity", "RestrictRealtime=no",
+        "ExecStopPost=/opt/donkey-agent/venv/bin/donkey-agent safe-stop",
+        "SupplementaryGroups=i2c gpio video", "StateDirectory=", "ConfigurationDirectory=", "LogsDirectory=",
+    )
+    for line in promises:
         assert line in text, line
     assert "Requires=" not in text  # the car must start without the network or the Keylime agent
     # Every relaxation of the hardening says why, on the line above it.
