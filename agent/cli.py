@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = load(path)
         except ConfigError as exc:
-            print(f"donkey-agent safe-stop: invalid config:\n{exc}", file=sys.stderr)
+            # Under systemd the agent has already reported the details; say them once.
+            detail = f":\n{exc}" if sys.stderr.isatty() else " (the agent's log names the problem)"
+            print(f"donkey-agent safe-stop: invalid config, so the actuators are unknown; nothing written{detail}",
+                  file=sys.stderr)
             return 78
         code, text = safe_stop(config)
         print(text, file=sys.stderr if code else sys.stdout)

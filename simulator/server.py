@@ -71,6 +71,7 @@ class CarRecord:
     def as_dict(self) -> dict[str, Any]:
         end = self.ended_at or time.time()
         stats = self.car.stats.as_dict() if self.car else {}
+        controls = [round(self.car.steering, 4), round(self.car.throttle, 4)] if self.car else None
         return {
             "car": self.number,
             "peer": self.peer,
@@ -79,6 +80,7 @@ class CarRecord:
             "connected_s": round(end - self.spawned_at, 2),
             "frames_sent": self.frames_sent,
             "frames_skipped": self.frames_skipped,
+            "last_controls": controls,  # steering, throttle when the car ended: neutral after a safe stop
             **stats,
         }
 
