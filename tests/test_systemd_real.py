@@ -118,4 +118,5 @@ def test_a_bad_config_fails_once_with_one_clear_message(container: nspawn.Contai
     assert state["ActiveState"] == "failed" and state["ExecMainStatus"] == "78"
     assert state["NRestarts"] == "0"  # RestartPreventExitStatus=78: no restart loop
     journal = container.run("journalctl", "-u", "donkey-agent", "--since", since, "--no-pager").stdout
-    assert journal.count("/etc/donkey-agent/agent.toml: drive.max_throttle: Input should be less than or equal to 1") == 1
+    message = "/etc/donkey-agent/agent.toml: drive.max_throttle: Input should be less than or equal to 1"
+    assert journal.count(message) == 1
