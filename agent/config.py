@@ -131,6 +131,10 @@ class RecordingConfig(Section):
     queue: Annotated[int, Field(ge=1)] = 256
 
 
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"  # SIGHUP applies a change at once
+
+
 class AgentConfig(Section):
     drive: DriveConfig = DriveConfig()
     camera: CameraConfig = CameraConfig()
@@ -139,6 +143,7 @@ class AgentConfig(Section):
     autopilot: AutopilotConfig = AutopilotConfig()
     gpio: GpioConfig = GpioConfig()
     recording: RecordingConfig = RecordingConfig()
+    logging: LoggingConfig = LoggingConfig()
     source: str = Field(default="<defaults>", exclude=True)
 
     def with_overrides(self, overrides: dict[str, Any]) -> AgentConfig:

@@ -37,7 +37,7 @@ log = logging.getLogger("donkey-agent")
 EXIT_OK, EXIT_FAILED, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 65, 69, 78
 READY_TIMEOUT = 45.0
 STOP_TIMEOUT = 5.0
-LIVE_KEYS = {"drive.max_throttle"}  # what SIGHUP can change without a restart
+LIVE_KEYS = {"drive.max_throttle", "logging.level"}  # what SIGHUP can change without a restart
 
 BuildHardware = Callable[[AgentConfig, ExitStack], tuple[Camera, Actuators]]
 
@@ -85,6 +85,10 @@ def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> Statu
     return None
 
 
+def apply_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
 def changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
     def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -121,6 +125,8 @@ class Supervisor:
             self.stop.set()
 
     async def run(self) -> int:
+        if not log.isEnabledFor(logging.DEBUG):  # --verbose wins over the file
+            apply_log_level(self.config.logging.level)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
@@ -264,6 +270,8 @@ class Supervisor:
         live = [k for k in changed if k in LIVE_KEYS]
         if "drive.max_throttle" in live and self.core is not None:
             self.core.commands.push(Command("set_max_throttle", new.drive.max_throttle, source="reload"))
+        if "logging.level" in live:
+            apply_log_level(new.logging.level)
         restart = [k for k in changed if k not in LIVE_KEYS]
         log.info("SIGHUP: reloaded %s; applied live: %s; needs a restart: %s", self.config_path,
                  ", ".join(live) or "nothing", ", ".join(restart) or "nothing")

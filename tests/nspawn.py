@@ -8,6 +8,7 @@ The agent is installed from wheels built on the host (same Python ABI, cp311) in
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("DONKEY_TEST_CACHE", "/var/cache/donkey-agent-tests"))
-ROOT_TAR = CACHE / "bookworm-root.tar"
 PACKAGES = "python3,python3-venv,systemd,systemd-sysv,dbus,procps,passwd"
+# The package list is part of the name, so a changed list never reuses a stale root.
+ROOT_TAR = CACHE / f"bookworm-root-{hashlib.sha256(PACKAGES.encode()).hexdigest()[:12]}.tar"
 MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parent.parent
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import signal
 import socket
@@ -172,12 +173,16 @@ def test_sighup_applies_live_changes_and_names_the_rest(tmp_path: Path, systemd:
     config, path = config_for_tests(tmp_path)
     rig = TwinRig()
     supervisor = Supervisor(config, config_path=path, build=lambda config, stack: (rig, rig))
+    seen: dict[str, int] = {}
 
     def script() -> None:
         wait_until(lambda: systemd.first("READY=1") is not None)
-        path.write_text(path.read_text().replace("max_throttle = 0.4", "max_throttle = 0.2\nrate_hz = 30"))
+        path.write_text(path.read_text().replace("max_throttle = 0.4", "max_throttle = 0.2\nrate_hz = 30")
+                        + "[logging]\nlevel = 'warning'\n")
         os.kill(os.getpid(), signal.SIGHUP)
         wait_until(lambda: supervisor.core is not None and supervisor.core.max_throttle == 0.2, timeout=5)
+        seen["level"] = logging.getLogger().level
+        logging.getLogger().setLevel(logging.INFO)  # so the test can read what the next reload says
         path.write_text("[drive\n")  # a broken file on the next reload changes nothing
         os.kill(os.getpid(), signal.SIGHUP)
         time.sleep(0.3)
@@ -187,7 +192,8 @@ def test_sighup_applies_live_changes_and_names_the_rest(tmp_path: Path, systemd:
     rig.close()
     assert code == 0
     text = caplog.text
-    assert "applied live: drive.max_throttle; needs a restart: drive.rate_hz" in text
+    assert "applied live: drive.max_throttle, logging.level; needs a restart: drive.rate_hz" in text
+    assert seen["level"] == logging.WARNING
     assert "keeping the running config, the file is invalid" in text and "not valid TOML" in text
 
 
