@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
     run.add_argument("--record", type=Path, metavar="DIR", help="record a DonkeyCar tub while driving")
     run.add_argument("--max-throttle", type=float, help="overrides drive.max_throttle")
+    run.add_argument("--mqtt", metavar="URL", help="fleet broker, mqtt://host:port or mqtts://host:port")
+    run.add_argument("--car-id", help="this car's id in the fleet topics (overrides telemetry.car_id)")
+    run.add_argument("--fleet", help="fleet name in the topics (overrides telemetry.fleet)")
     run.add_argument("-v", "--verbose", action="store_true")
     model = commands.add_parser("model", help="autopilot models")
     model_commands = model.add_subparsers(dest="model_command", required=True)
@@ -88,8 +91,19 @@ def _run(args: argparse.Namespace) -> int:
             overrides["drive.mode"] = args.mode
         if args.max_throttle is not None:
             overrides["drive.max_throttle"] = args.max_throttle
+        for key, value in (("telemetry.url", args.mqtt), ("telemetry.car_id", args.car_id),
+                           ("telemetry.fleet", args.fleet)):
+            if value is not None:
+                overrides[key] = value
         if overrides:
             config = config.with_overrides(overrides)
+        if config.telemetry.url is not None:
+            from agent.telemetry.topics import TopicError, Topics
+
+            try:
+                Topics(config.telemetry.fleet, config.telemetry.car_id)
+            except TopicError as exc:
+                raise ConfigError(f"{config.source}: {exc}") from None
         if config.drive.mode in ("local", "local_angle") and config.autopilot.model is None:
             raise ConfigError(f"{config.source}: autopilot.model: mode {config.drive.mode!r} needs a model "
                               "(--model PATH, or --mode user)")

@@ -131,6 +131,28 @@ class RecordingConfig(Section):
     queue: Annotated[int, Field(ge=1)] = 256
 
 
+class TelemetryConfig(Section):
+    url: str | None = None  # mqtt://host:port or mqtts://host:port; None = no fleet link
+    car_id: str = "car"
+    fleet: str = "default"
+    protocol: Literal["5", "3.1.1"] = "5"  # 3.1.1 for Grafana's MQTT data source
+    rate_hz: Annotated[float, Field(gt=0, le=50)] = 5.0
+    keepalive_s: Annotated[int, Field(ge=1, le=3600)] = 30
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    outbox: Path | None = None  # default: $STATE_DIRECTORY/outbox.db (systemd), else ~/.local/state/donkey-agent
+    outbox_max_events: Annotated[int, Field(ge=10)] = 10_000
+
+    @model_validator(mode="after")
+    def _url_scheme(self) -> TelemetryConfig:
+        if self.url is not None and not self.url.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(f"url {self.url!r} must start with mqtt:// or mqtts://")
+        return self
+
+
 class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"  # SIGHUP applies a change at once
 
@@ -143,6 +165,7 @@ class AgentConfig(Section):
     autopilot: AutopilotConfig = AutopilotConfig()
     gpio: GpioConfig = GpioConfig()
     recording: RecordingConfig = RecordingConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = Field(default="<defaults>", exclude=True)
 

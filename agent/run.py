@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -30,6 +31,7 @@ from agent.hw.gpio import EStopButton, StatusLed
 from agent.hw.interfaces import Actuators, Camera
 from agent.pilot import Autopilot, ModelError
 from agent.service.notify import Notifier, watchdog_interval
+from agent.telemetry.service import TelemetryService
 from agent.tub import TubRecorder, TubWriter
 
 log = logging.getLogger("donkey-agent")
@@ -85,6 +87,22 @@ def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> Statu
     return None
 
 
+def identity(config: AgentConfig) -> dict[str, Any]:
+    """What the retained birth message says about this agent."""
+    from agent import __version__
+
+    model = config.autopilot.model
+    model_sha = hashlib.sha256(model.read_bytes()).hexdigest() if model is not None and model.exists() else None
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = None
+    digest = hashlib.sha256(config.model_dump_json(exclude={"source"}).encode()).hexdigest()[:16]
+    return {"car_id": config.telemetry.car_id, "fleet": config.telemetry.fleet, "agent_version": __version__,
+            "model_sha256": model_sha, "boot_id": boot_id, "config_digest": digest, "pid": os.getpid(),
+            "started_at": round(time.time(), 3)}
+
+
 def apply_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
@@ -117,6 +135,7 @@ class Supervisor:
         self.stop = asyncio.Event()
         self.reason = ""
         self.core: DriveCore | None = None
+        self.telemetry: TelemetryService | None = None
         self.watchdog_withheld = ""
 
     def request_stop(self, reason: str) -> None:
@@ -156,6 +175,8 @@ class Supervisor:
                 def make_pilot() -> Autopilot:
                     return Autopilot(model_path, kind=autopilot.kind, num_threads=autopilot.num_threads)
 
+            if self.config.telemetry.url is not None:
+                self.telemetry = TelemetryService(self.config.telemetry, identity(self.config))
             core = self.core = DriveCore(self.config.drive, DriveParts(camera, actuators, make_pilot, recorder))
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(self.config, core, stack)
@@ -173,6 +194,7 @@ class Supervisor:
             notifier.ready(short_status(core.status()))
             log.info("ready: %s", short_status(core.status()))
 
+            fleet_stop = asyncio.Event()  # the fleet link outlives the core, to report its stop
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._watch_core(core), name="watch-core")
                 tasks.create_task(self._report(core, led), name="report")
@@ -181,10 +203,16 @@ class Supervisor:
                     tasks.create_task(self._watchdog(core, interval), name="watchdog")
                 if self.duration is not None:
                     tasks.create_task(self._stop_after(self.duration), name="duration")
+                if self.telemetry is not None:
+                    tasks.create_task(self.telemetry.run(fleet_stop, core.status), name="fleet-link")
+                await self.stop.wait()
+                notifier.stopping(f"stopping ({self.reason})")
+                stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
+                self.drain_events()
+                if self.telemetry is not None:
+                    await self.telemetry.flush(2.0)
+                fleet_stop.set()
 
-            notifier.stopping(f"stopping ({self.reason})")
-            stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
-            self.drain_events()
             if self.stream.isatty():
                 self.stream.write("\n")
             summary = core.status()
@@ -203,6 +231,8 @@ class Supervisor:
         if self.core is not None:
             for event in self.core.events.drain():
                 log_event(event)
+                if self.telemetry is not None:
+                    self.telemetry.record(event)
 
     async def _stop_after(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

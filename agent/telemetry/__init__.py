@@ -1,0 +1,1 @@
+"""Fleet telemetry over MQTT: presence, live telemetry, durable events (and, next, commands)."""

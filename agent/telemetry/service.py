@@ -1,0 +1,174 @@
+"""The MQTT side of the agent: presence, telemetry and durable events, on paho-mqtt 2.x.
+
+paho's network loop runs on its own thread (``loop_start``) and reconnects by itself with an
+exponential backoff; its callbacks only hand over to the asyncio loop
+(``call_soon_threadsafe``), which owns the outbox and every decision. Nothing here can block
+the drive core: telemetry reads ``DriveCore.status()`` (a copy), events arrive through the
+core's bounded event queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import ssl
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.config import TelemetryConfig
+from agent.core.handoff import Event
+from agent.telemetry import topics
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.platform import platform_health
+
+log = logging.getLogger("donkey-agent.telemetry")
+
+EVENT_BATCH = 20  # events published per pump tick (rate limit after a reconnect)
+PUMP_INTERVAL = 0.1
+
+
+def default_outbox() -> Path:
+    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    base = Path(state.split(":")[0]) if state else Path.home() / ".local" / "state" / "donkey-agent"
+    return base / "outbox.db"
+
+
+class TelemetryService:
+    def __init__(self, config: TelemetryConfig, identity: dict[str, Any]) -> None:
+        assert config.url is not None
+        self.config = config
+        self.topics = topics.Topics(config.fleet, config.car_id)
+        self.identity = identity
+        self.outbox = Outbox(config.outbox or default_outbox(), max_events=config.outbox_max_events)
+        self.connected = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: dict[int, str] = {}  # paho mid -> event id
+        self._seq = 0
+        self.client = self._make_client()
+
+    # -- paho set-up ---------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        url = urlparse(str(self.config.url))
+        protocol = mqtt.MQTTv5 if self.config.protocol == "5" else mqtt.MQTTv311
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"donkey-{self.config.car_id}",
+                             protocol=protocol)
+        if url.scheme == "mqtts":
+            context = ssl.create_default_context(cafile=str(self.config.ca) if self.config.ca else None)
+            if self.config.cert is not None:
+                context.load_cert_chain(str(self.config.cert), str(self.config.key) if self.config.key else None)
+            client.tls_set_context(context)
+        if self.config.username:
+            client.username_pw_set(self.config.username, self.config.password)
+        client.will_set(self.topics.state, json.dumps(topics.will(self.config.car_id)), qos=1, retain=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        return client
+
+    def _call(self, callback: Any, *args: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("broker refused the connection: %s", reason)
+            return
+        # The birth goes out first on every connect, so "online" always follows a will.
+        client.publish(self.topics.state, json.dumps(topics.birth(self.identity)), qos=1, retain=True)
+        self._call(self._connected)
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._call(self._disconnected, str(reason))
+
+    def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        self._call(self._acknowledged, mid)
+
+    # -- on the asyncio loop ----------------------------------------------------------------------
+    def _connected(self) -> None:
+        log.info("connected to %s as %s", self.config.url, self.topics.base)
+        self._inflight.clear()  # unacknowledged events are sent again, in order (subscribers dedupe by id)
+        self.connected.set()
+
+    def _disconnected(self, reason: str) -> None:
+        if self.connected.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason)
+        self.connected.clear()
+
+    def _acknowledged(self, mid: int) -> None:
+        event_id = self._inflight.pop(mid, None)
+        if event_id is not None:
+            self.outbox.acknowledge(event_id)
+
+    def record(self, event: Event) -> None:
+        """A drive-core event into the durable outbox (called on the asyncio loop)."""
+        event_id = str(uuid.uuid4())
+        detail = {k: v for k, v in event.detail.items() if isinstance(v, str | int | float | bool | list | type(None))}
+        self.outbox.add(event_id, topics.event(event_id, event.kind, detail, event.wall))
+
+    async def flush(self, timeout: float) -> None:
+        """Give queued events a chance to reach the broker before a planned disconnect."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while len(self.outbox) and self.connected.is_set() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def run(self, stop: asyncio.Event, status: Any) -> None:
+        """Connect and publish until ``stop``; ``status()`` returns the drive core's status."""
+        self._loop = asyncio.get_running_loop()
+        url = urlparse(str(self.config.url))
+        default_port = 8883 if url.scheme == "mqtts" else 1883
+        self.client.connect_async(str(url.hostname or "localhost"), url.port or default_port,
+                                  keepalive=self.config.keepalive_s)
+        self.client.loop_start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._publish_telemetry(stop, status), name="mqtt-telemetry")
+                tasks.create_task(self._pump_events(stop), name="mqtt-events")
+        finally:
+            if self.connected.is_set():
+                # A clean goodbye: the state says why, and the will is not needed.
+                offline = {**topics.will(self.config.car_id), "reason": "stopped"}
+                info = self.client.publish(self.topics.state, json.dumps(offline), qos=1, retain=True)
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(info.wait_for_publish, 2.0)
+            self.client.disconnect()
+            self.client.loop_stop()
+            self.outbox.close()
+
+    async def _publish_telemetry(self, stop: asyncio.Event, status: Any) -> None:
+        period = 1.0 / self.config.rate_hz
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), period)
+            if self.connected.is_set() and not stop.is_set():
+                self._seq += 1
+                payload = topics.telemetry(self._seq, status(), platform_health())
+                self.client.publish(self.topics.telemetry, json.dumps(payload), qos=0)
+
+    async def _pump_events(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PUMP_INTERVAL)
+            if not self.connected.is_set():
+                continue
+            inflight = set(self._inflight.values())
+            sent = 0
+            for pending in self.outbox.pending(limit=EVENT_BATCH + len(inflight)):
+                if pending.id in inflight:
+                    continue
+                info = self.client.publish(self.topics.events, json.dumps(pending.payload), qos=1)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    break
+                self._inflight[info.mid] = pending.id
+                sent += 1
+                if sent >= EVENT_BATCH:
+                    break

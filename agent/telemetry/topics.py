@@ -1,0 +1,65 @@
+"""The MQTT contract: topics and payloads (docs/mqtt.md). Every payload carries ``version``.
+
+    donkey/<fleet>/<car_id>/state        retained: birth (online) on every connect; the will (offline)
+    donkey/<fleet>/<car_id>/telemetry    QoS 0, {ts, values} at telemetry.rate_hz
+    donkey/<fleet>/<car_id>/events       QoS 1, one event per message, unique id, from the durable outbox
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+PAYLOAD_VERSION = 1
+SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class TopicError(ValueError):
+    pass
+
+
+class Topics:
+    def __init__(self, fleet: str, car_id: str) -> None:
+        for name, value in (("fleet", fleet), ("car_id", car_id)):
+            if not SEGMENT.match(value):
+                raise TopicError(f"telemetry.{name} {value!r}: use 1-64 letters, digits, '_' or '-'")
+        self.base = f"donkey/{fleet}/{car_id}"
+        self.state = f"{self.base}/state"
+        self.telemetry = f"{self.base}/telemetry"
+        self.events = f"{self.base}/events"
+
+
+def now_ms() -> int:
+    return round(time.time() * 1000)
+
+
+def birth(identity: dict[str, Any]) -> dict[str, Any]:
+    return {"version": PAYLOAD_VERSION, "state": "online", "ts": now_ms(), **identity}
+
+
+def will(car_id: str) -> dict[str, Any]:
+    return {"version": PAYLOAD_VERSION, "state": "offline", "car_id": car_id}
+
+
+def telemetry(seq: int, status: dict[str, Any], platform: dict[str, Any]) -> dict[str, Any]:
+    """ThingsBoard / Node-RED shape: {ts, values}; ``seq`` lets a subscriber see gaps."""
+    period = status.get("period_error_ms", {})
+    values = {
+        "mode": status["mode"],
+        "steering": round(status["steering"], 4),
+        "throttle": round(status["throttle"], 4),
+        "loop_hz": status.get("rate_hz", 0.0),
+        "period_error_p50_ms": period.get("p50", 0.0),
+        "period_error_p99_ms": period.get("p99", 0.0),
+        "period_error_max_ms": period.get("max", 0.0),
+        "deadline_misses": status["deadline_misses"],
+        "faults": status["faults"],
+        "frame_age_ms": status.get("frame_age_ms", {}).get("p50", 0.0),
+        **platform,
+    }
+    return {"version": PAYLOAD_VERSION, "seq": seq, "ts": now_ms(), "values": values}
+
+
+def event(event_id: str, kind: str, detail: dict[str, Any], wall: float) -> dict[str, Any]:
+    return {"version": PAYLOAD_VERSION, "id": event_id, "ts": round(wall * 1000), "kind": kind, "detail": detail}
