@@ -13,6 +13,7 @@ import pytest
 
 from agent.telemetry.outbox import Outbox
 from tests import mosquitto
+from tests.fakes.parts import wait_for
 from tests.test_cli import start_twin
 
 ROOT = Path(__file__).parent.parent
@@ -38,16 +39,7 @@ outbox = "{tmp_path / 'outbox.db'}"
 def retained(broker: mosquitto.Broker, topic: str) -> dict:
     out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-C", "1",
                           "-W", "5"], capture_output=True, text=True, timeout=10, check=False).stdout
-    return json.loads(out.splitlines()[0])
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    return json.loads(out.splitlines()[0]) if out.strip() else {}
 
 
 @pytest.mark.slow
@@ -57,7 +49,7 @@ def test_presence_telemetry_events_and_last_will(tmp_path: Path) -> None:
     watcher = broker.subscribe("donkey/#")
     agent = start_agent(tmp_path, sim_port, broker.port)
     try:
-        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30)
+        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30, interval=0.2)
         time.sleep(3.0)
         messages = mosquitto.collect(watcher)
         birth = retained(broker, "donkey/lab/car1/state")
@@ -80,7 +72,7 @@ def test_presence_telemetry_events_and_last_will(tmp_path: Path) -> None:
 
         agent.kill()  # no goodbye: the broker publishes the will after 1.5 x keepalive
         agent.wait(10)
-        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "offline", 15)
+        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "offline", 15, interval=0.2)
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -95,7 +87,7 @@ def test_events_survive_a_broker_outage(tmp_path: Path) -> None:
     twin, sim_port = start_twin("--track", "generated_track")
     agent = start_agent(tmp_path, sim_port, broker.port)
     try:
-        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30)
+        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30, interval=0.2)
         broker.stop()  # the link drops mid-drive...
         time.sleep(0.5)
         twin.send_signal(signal.SIGTERM)  # ...and while it is down the car loses its camera: fault events

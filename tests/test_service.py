@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import AgentConfig, load
 from agent.run import Supervisor
-from tests.fakes.parts import TwinRig
+from tests.fakes.parts import TwinRig, wait_for
 
 ROOT = Path(__file__).parent.parent
 WATCHDOG_USEC = 400_000  # systemd would ping-check every 0.4 s; we must ping at <= 0.2 s
@@ -107,10 +107,7 @@ def run_supervisor(supervisor: Supervisor, script) -> int:
 
 
 def wait_until(predicate, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    assert wait_for(predicate, timeout, interval=0.02), "timed out"
 
 
 def test_ready_after_warm_up_then_status_watchdog_and_stopping(tmp_path: Path, systemd: FakeSystemd) -> None:

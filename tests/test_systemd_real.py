@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import nspawn
+from tests.fakes.parts import wait_for
 from tests.test_cli import start_twin
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(nspawn.available()), reason=nspawn.available() or "ok")]
@@ -39,15 +40,6 @@ def container(tmp_path_factory: pytest.TempPathFactory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return predicate()
-
-
 def test_start_watchdog_restart_and_safe_stop(container: nspawn.Container, tmp_path: Path) -> None:
     summary = tmp_path / "summary.json"
     twin, port = start_twin("--track", "generated_track", "--summary", str(summary))
@@ -64,14 +56,15 @@ def test_start_watchdog_restart_and_safe_stop(container: nspawn.Container, tmp_p
         state = container.show("donkey-agent", "ActiveState", "SubState", "StatusText", "NRestarts", "MainPID")
         assert (state["ActiveState"], state["SubState"]) == ("active", "running")
         assert state["StatusText"].startswith(("local, ", "starting"))
-        assert wait_for(lambda: "Hz" in container.show("donkey-agent", "StatusText")["StatusText"], 10)
+        assert wait_for(lambda: "Hz" in container.show("donkey-agent", "StatusText")["StatusText"], 10, interval=0.3)
         time.sleep(3)  # drive a little
 
         # A hung agent (SIGSTOP: no thread runs, no watchdog ping) is killed and restarted by systemd.
         hung = state["MainPID"]
         container.run("kill", "-STOP", hung)
-        assert wait_for(lambda: container.show("donkey-agent", "NRestarts")["NRestarts"] == "1", 20)
-        assert wait_for(lambda: container.show("donkey-agent", "ActiveState")["ActiveState"] == "active", 60)
+        assert wait_for(lambda: container.show("donkey-agent", "NRestarts")["NRestarts"] == "1", 20, interval=0.3)
+        assert wait_for(lambda: container.show("donkey-agent", "ActiveState")["ActiveState"] == "active", 60,
+                        interval=0.3)
         assert container.show("donkey-agent", "MainPID")["MainPID"] != hung
         journal = container.run("journalctl", "-u", "donkey-agent", "--no-pager").stdout
         assert "Watchdog timeout" in journal
