@@ -178,6 +178,8 @@ class Supervisor:
             if self.config.telemetry.url is not None:
                 self.telemetry = TelemetryService(self.config.telemetry, identity(self.config))
             core = self.core = DriveCore(self.config.drive, DriveParts(camera, actuators, make_pilot, recorder))
+            if self.telemetry is not None:
+                self.telemetry.attach(core)
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(self.config, core, stack)
             notifier.status("starting: loading the model and warming up")
@@ -233,6 +235,8 @@ class Supervisor:
                 log_event(event)
                 if self.telemetry is not None:
                     self.telemetry.record(event)
+                    if event.kind == "command" and event.detail.get("source") == "mqtt":
+                        self.telemetry.command_result(event)
 
     async def _stop_after(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

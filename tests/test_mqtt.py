@@ -107,3 +107,55 @@ def test_events_survive_a_broker_outage(tmp_path: Path) -> None:
         agent.wait(30)
         broker.stop()
     assert len(Outbox(tmp_path / "outbox.db")) == 0  # every event was acknowledged, none left behind
+
+
+@pytest.mark.slow
+def test_command_state_machine_end_to_end(tmp_path: Path) -> None:
+    broker = mosquitto.Broker(tmp_path).start()
+    twin, sim_port = start_twin("--track", "generated_track")
+    agent = start_agent(tmp_path, sim_port, broker.port)
+
+    def send(name: str, body: dict) -> None:
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                        "-t", f"donkey/lab/car1/cmd/{name}", "-m", json.dumps(body)], check=True, timeout=10)
+
+    try:
+        assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30, interval=0.2)
+        watcher = broker.subscribe("donkey/lab/car1/cmd/+/+/res")
+        telemetry = broker.subscribe("donkey/lab/car1/telemetry")
+        time.sleep(0.5)
+        send("set_max_throttle", {"id": "t1", "value": 0.2})
+        send("set_mode", {"id": "bad1", "value": "turbo"})
+        send("estop", {"id": "e1"})
+        time.sleep(1.0)
+        send("set_mode", {"id": "m1", "value": "local_angle"})  # refused: e-stop latched
+        send("estop", {"id": "e1"})  # a duplicate: ignored, e1 keeps its state
+        send("set_mode", {"id": "old", "value": "user", "exp": time.time() - 10})
+        send("launch", {"id": "l1"})
+        send("ping", {"id": "p1"})
+        send("clear_fault", {"id": "c1"})
+        time.sleep(1.5)
+        states: dict[str, list[dict]] = {}
+        for topic, payload in mosquitto.collect(watcher):
+            states.setdefault(topic.split("/")[-2], []).append(json.loads(payload))
+        faults_seen = [json.loads(p)["values"]["faults"] for _, p in mosquitto.collect(telemetry)]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        twin.send_signal(signal.SIGTERM)
+        twin.wait(20)
+        broker.stop()
+
+    def statuses(command_id: str) -> list[str]:
+        return [s["status"] for s in states[command_id]]
+
+    assert statuses("t1") == ["init", "executing", "successful"]
+    assert statuses("bad1") == ["failed"] and "one of user" in states["bad1"][0]["reason"]
+    assert statuses("e1") == ["init", "executing", "successful"]  # the duplicate did not overwrite it
+    assert statuses("m1") == ["failed"] and "latched" in states["m1"][0]["reason"]
+    assert statuses("old") == ["failed"] and "expired" in states["old"][0]["reason"]
+    assert statuses("l1") == ["failed"] and "unknown command" in states["l1"][0]["reason"]
+    assert statuses("p1") == ["init", "successful"] and "pong" in states["p1"][-1]["result"]
+    assert statuses("c1") == ["init", "executing", "successful"]
+    assert ["estop"] in faults_seen  # the fleet saw the e-stop in telemetry
+    assert agent.returncode == 0  # nothing received over MQTT hurt the agent

@@ -25,7 +25,7 @@ from agent.core.handoff import Command, CommandQueue, Event, EventQueue
 from agent.core.metrics import INDEX, LoopMetrics
 from agent.core.ratekeeper import RateKeeper
 from agent.core.realtime import GcControl, RealtimeReport, configure_realtime
-from agent.core.safety import Fault, Supervisor
+from agent.core.safety import LATCHED, Fault, Supervisor
 from agent.hw.interfaces import ActuatorError, Actuators, Camera, Frame
 from agent.pilot import Autopilot
 from agent.tub import TubRecorder
@@ -88,6 +88,7 @@ class DriveCore:
         self._user = (0.0, 0.0)
         self._user_time = -math.inf
         self._pilot_out = (0.0, 0.0)
+        self.recording = parts.recorder is not None  # a `record` command turns it off and on
         self._ramp = ThrottleRamp(config.throttle_ramp_per_s)
         self._gc = GcControl(config.realtime.freeze_gc)
         self._thread = threading.Thread(target=self._run, name="drive-core", daemon=True)
@@ -130,6 +131,11 @@ class DriveCore:
             return f"the actuators have not accepted a command for {now - self.last_write_ok:.1f} s"
         return ""
 
+    @property
+    def latched(self) -> bool:
+        """A fault that needs an explicit clear is active."""
+        return any(fault in LATCHED for fault in self.supervisor.active)
+
     def status(self) -> dict[str, Any]:
         """A snapshot for STATUS=, the terminal line and telemetry (reader side; copies)."""
         summary = self.metrics.summary(200)
@@ -137,6 +143,7 @@ class DriveCore:
             "mode": self.mode,
             "faults": sorted(f.value for f in self.supervisor.active),
             "max_throttle": self.max_throttle,
+            "recording": self.recording,
             "steering": self.last_output[0],
             "throttle": self.last_output[1],
             **summary,
@@ -291,7 +298,7 @@ class DriveCore:
             previous_actuation = actuation
             self.heartbeat = done
 
-            if new_frame and frame is not None and self.parts.recorder is not None:
+            if new_frame and frame is not None and self.recording and self.parts.recorder is not None:
                 self.parts.recorder.submit({
                     "cam/image_array": frame.image, "user/angle": self._user[0], "user/throttle": self._user[1],
                     "user/mode": self.mode, "pilot/angle": self._pilot_out[0], "pilot/throttle": self._pilot_out[1],
@@ -365,6 +372,11 @@ class DriveCore:
             if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 return False, "max throttle must be a number in [0, 1]"
             self.max_throttle = float(value)
+            return True, ""
+        if name == "record":
+            if self.parts.recorder is None:
+                return False, "no recording configured (recording.path or --record)"
+            self.recording = value == "start"
             return True, ""
         if name == "set_behavior":
             if self.pilot is None:

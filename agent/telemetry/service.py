@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import ssl
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,17 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import TelemetryConfig
-from agent.core.handoff import Event
-from agent.telemetry import topics
+from agent.core.drive import DriveCore
+from agent.core.handoff import Command, Event
+from agent.telemetry import commands, topics
+from agent.telemetry.commands import SeenIds
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.platform import platform_health
 
 log = logging.getLogger("donkey-agent.telemetry")
 
 EVENT_BATCH = 20  # events published per pump tick (rate limit after a reconnect)
+COMMAND_TIMEOUT = 2.0  # s for the drive core to apply a command
 PUMP_INTERVAL = 0.1
 
 
@@ -51,6 +55,9 @@ class TelemetryService:
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: dict[int, str] = {}  # paho mid -> event id
+        self.core: DriveCore | None = None  # attached once built; commands go to its queue
+        self.seen = SeenIds()
+        self._pending: dict[str, tuple[str, float]] = {}  # command id -> (name, deadline)
         self._seq = 0
         self.client = self._make_client()
 
@@ -72,6 +79,7 @@ class TelemetryService:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
 
     def _call(self, callback: Any, *args: Any) -> None:
@@ -84,6 +92,7 @@ class TelemetryService:
             return
         # The birth goes out first on every connect, so "online" always follows a will.
         client.publish(self.topics.state, json.dumps(topics.birth(self.identity)), qos=1, retain=True)
+        client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
         self._call(self._connected)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -91,6 +100,9 @@ class TelemetryService:
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         self._call(self._acknowledged, mid)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        self._call(self._command, message.topic, bytes(message.payload))
 
     # -- on the asyncio loop ----------------------------------------------------------------------
     def _connected(self) -> None:
@@ -107,6 +119,51 @@ class TelemetryService:
         event_id = self._inflight.pop(mid, None)
         if event_id is not None:
             self.outbox.acknowledge(event_id)
+
+    def attach(self, core: DriveCore) -> None:
+        self.core = core
+
+    def _respond(self, name: str, command_id: str, status: str, reason: str = "", result: Any = None) -> None:
+        body = commands.response(status, command_id, reason=reason, result=result, ts=topics.now_ms())
+        self.client.publish(f"{self.topics.base}/cmd/{name}/{command_id}/res", json.dumps(body), qos=1, retain=True)
+
+    def _command(self, topic: str, payload: bytes) -> None:
+        """A command from the fleet: validate, answer init, hand it to the core, answer the outcome."""
+        name = topic.rsplit("/", 1)[-1]
+        core = self.core
+        if core is None:
+            return
+        parsed = commands.parse(name, payload, now=time.time(), seen=self.seen, latched=core.latched,
+                                max_throttle=core.max_throttle)
+        if parsed.error:
+            log.warning("command %s refused: %s", name, parsed.error)
+            if parsed.id is not None:
+                self._respond(name, parsed.id, "failed", parsed.error)
+            return
+        assert parsed.id is not None
+        self._respond(name, parsed.id, "init")
+        if name == "ping":
+            self._respond(name, parsed.id, "successful", result={"pong": topics.now_ms()})
+            return
+        self._respond(name, parsed.id, "executing")
+        self._pending[parsed.id] = (name, time.monotonic() + COMMAND_TIMEOUT)
+        core.commands.push(Command(name, parsed.value, source="mqtt", id=parsed.id))
+
+    def command_result(self, event: Event) -> None:
+        """The core applied (or refused) a command from us: answer with the outcome."""
+        command_id = event.detail.get("id")
+        if not isinstance(command_id, str) or command_id not in self._pending:
+            return
+        name, _ = self._pending.pop(command_id)
+        status = "successful" if event.detail.get("ok") else "failed"
+        self._respond(name, command_id, status, str(event.detail.get("reason") or ""))
+
+    def _expire_commands(self) -> None:
+        now = time.monotonic()
+        for command_id, (name, deadline) in list(self._pending.items()):
+            if now > deadline:
+                del self._pending[command_id]
+                self._respond(name, command_id, "failed", "timeout: the drive core did not answer")
 
     def record(self, event: Event) -> None:
         """A drive-core event into the durable outbox (called on the asyncio loop)."""
@@ -158,6 +215,7 @@ class TelemetryService:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), PUMP_INTERVAL)
+            self._expire_commands()
             if not self.connected.is_set():
                 continue
             inflight = set(self._inflight.values())
