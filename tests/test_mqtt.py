@@ -17,6 +17,7 @@ from tests.fakes.parts import wait_for
 from tests.test_cli import start_twin
 
 ROOT = Path(__file__).parent.parent
+SCHEMAS = ROOT / "schemas"
 pytestmark = pytest.mark.skipif(bool(mosquitto.available()), reason=mosquitto.available() or "ok")
 
 
@@ -36,6 +37,14 @@ outbox = "{tmp_path / 'outbox.db'}"
                             stderr=subprocess.PIPE, text=True)
 
 
+def conforms(schema: str, payload: dict) -> dict:
+    """Validate a payload against its JSON Schema in schemas/ (the documented contract)."""
+    from jsonschema import Draft202012Validator
+
+    Draft202012Validator(json.loads((SCHEMAS / f"{schema}.json").read_text())).validate(payload)
+    return payload
+
+
 def retained(broker: mosquitto.Broker, topic: str) -> dict:
     out = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", topic, "-C", "1",
                           "-W", "5"], capture_output=True, text=True, timeout=10, check=False).stdout
@@ -52,11 +61,11 @@ def test_presence_telemetry_events_and_last_will(tmp_path: Path) -> None:
         assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "online", 30, interval=0.2)
         time.sleep(3.0)
         messages = mosquitto.collect(watcher)
-        birth = retained(broker, "donkey/lab/car1/state")
+        birth = conforms("state", retained(broker, "donkey/lab/car1/state"))
         assert birth["version"] == 1 and birth["car_id"] == "car1" and birth["fleet"] == "lab"
         assert len(birth["model_sha256"]) == 64 and birth["boot_id"] and birth["config_digest"]
 
-        telemetry = [json.loads(p) for t, p in messages if t == "donkey/lab/car1/telemetry"]
+        telemetry = [conforms("telemetry", json.loads(p)) for t, p in messages if t == "donkey/lab/car1/telemetry"]
         assert len(telemetry) >= 8  # 5 Hz for about 3 s
         seqs = [m["seq"] for m in telemetry]
         assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
@@ -65,7 +74,7 @@ def test_presence_telemetry_events_and_last_will(tmp_path: Path) -> None:
         assert values["mode"] == "local" and values["faults"] == [] and values["loop_hz"] > 10
         assert {"steering", "throttle", "period_error_p99_ms", "deadline_misses", "frame_age_ms"} <= set(values)
 
-        events = [json.loads(p) for t, p in messages if t == "donkey/lab/car1/events"]
+        events = [conforms("event", json.loads(p)) for t, p in messages if t == "donkey/lab/car1/events"]
         kinds = [e["kind"] for e in events]
         assert "started" in kinds and "realtime" in kinds
         assert len({e["id"] for e in events}) == len(events)
@@ -73,6 +82,7 @@ def test_presence_telemetry_events_and_last_will(tmp_path: Path) -> None:
         agent.kill()  # no goodbye: the broker publishes the will after 1.5 x keepalive
         agent.wait(10)
         assert wait_for(lambda: retained(broker, "donkey/lab/car1/state").get("state") == "offline", 15, interval=0.2)
+        conforms("state", retained(broker, "donkey/lab/car1/state"))
     finally:
         if agent.poll() is None:
             agent.kill()
@@ -116,6 +126,8 @@ def test_command_state_machine_end_to_end(tmp_path: Path) -> None:
     agent = start_agent(tmp_path, sim_port, broker.port)
 
     def send(name: str, body: dict) -> None:
+        if name != "launch" and body.get("id") != "bad1":
+            conforms("command", body)
         subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
                         "-t", f"donkey/lab/car1/cmd/{name}", "-m", json.dumps(body)], check=True, timeout=10)
 
@@ -137,7 +149,7 @@ def test_command_state_machine_end_to_end(tmp_path: Path) -> None:
         time.sleep(1.5)
         states: dict[str, list[dict]] = {}
         for topic, payload in mosquitto.collect(watcher):
-            states.setdefault(topic.split("/")[-2], []).append(json.loads(payload))
+            states.setdefault(topic.split("/")[-2], []).append(conforms("command-response", json.loads(payload)))
         faults_seen = [json.loads(p)["values"]["faults"] for _, p in mosquitto.collect(telemetry)]
     finally:
         agent.send_signal(signal.SIGTERM)
