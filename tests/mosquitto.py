@@ -22,11 +22,13 @@ def available() -> str:
 
 
 class Broker:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, *, secure: list[str] | None = None) -> None:
+        """A plain anonymous broker, or with ``secure`` the config lines of a locked-down one."""
         self.directory = directory
         self.port = port or free_port()
         self.config = directory / f"mosquitto-{self.port}.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false", "log_dest stdout"]
+        lines = secure or [f"listener {self.port} 127.0.0.1", "allow_anonymous true"]
+        lines += ["persistence false", "log_dest stdout"]
         if os.geteuid() == 0:
             lines.append("user root")  # otherwise it drops to 'mosquitto' and cannot read a root-owned temp dir
         self.config.write_text("\n".join(lines) + "\n")

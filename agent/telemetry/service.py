@@ -58,6 +58,7 @@ class TelemetryService:
         self.core: DriveCore | None = None  # attached once built; commands go to its queue
         self.seen = SeenIds()
         self._pending: dict[str, tuple[str, float]] = {}  # command id -> (name, deadline)
+        self._refused: set[str] = set()  # events the broker refused on this connection
         self._seq = 0
         self.client = self._make_client()
 
@@ -99,7 +100,7 @@ class TelemetryService:
         self._call(self._disconnected, str(reason))
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        self._call(self._acknowledged, mid)
+        self._call(self._acknowledged, mid, bool(getattr(reason, "is_failure", False)), str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         self._call(self._command, message.topic, bytes(message.payload))
@@ -108,6 +109,7 @@ class TelemetryService:
     def _connected(self) -> None:
         log.info("connected to %s as %s", self.config.url, self.topics.base)
         self._inflight.clear()  # unacknowledged events are sent again, in order (subscribers dedupe by id)
+        self._refused.clear()
         self.connected.set()
 
     def _disconnected(self, reason: str) -> None:
@@ -115,10 +117,16 @@ class TelemetryService:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
 
-    def _acknowledged(self, mid: int) -> None:
+    def _acknowledged(self, mid: int, refused: bool = False, reason: str = "") -> None:
         event_id = self._inflight.pop(mid, None)
-        if event_id is not None:
-            self.outbox.acknowledge(event_id)
+        if event_id is None:
+            return
+        if refused:  # MQTT 5: the broker answered but did not take it (e.g. not authorised)
+            if not self._refused:
+                log.warning("the broker refused an event (%s); kept in the outbox until the next connection", reason)
+            self._refused.add(event_id)
+            return
+        self.outbox.acknowledge(event_id)
 
     def attach(self, core: DriveCore) -> None:
         self.core = core
@@ -218,10 +226,10 @@ class TelemetryService:
             self._expire_commands()
             if not self.connected.is_set():
                 continue
-            inflight = set(self._inflight.values())
+            skip = set(self._inflight.values()) | self._refused
             sent = 0
-            for pending in self.outbox.pending(limit=EVENT_BATCH + len(inflight)):
-                if pending.id in inflight:
+            for pending in self.outbox.pending(limit=EVENT_BATCH + len(skip)):
+                if pending.id in skip:
                     continue
                 info = self.client.publish(self.topics.events, json.dumps(pending.payload), qos=1)
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
