@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -171,3 +172,39 @@ def test_command_state_machine_end_to_end(tmp_path: Path) -> None:
     assert statuses("c1") == ["init", "executing", "successful"]
     assert ["estop"] in faults_seen  # the fleet saw the e-stop in telemetry
     assert agent.returncode == 0  # nothing received over MQTT hurt the agent
+
+
+@pytest.mark.slow
+def test_mqtt_3_1_1_and_driving_unaffected_by_a_dead_broker(tmp_path: Path) -> None:
+    """Grafana-style MQTT 3.1.1 works; and with no broker at all the drive loop keeps every deadline."""
+    broker = mosquitto.Broker(tmp_path).start()
+    twin, sim_port = start_twin("--track", "generated_track")
+    config = tmp_path / "v311.toml"
+    config.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\nprotocol = "3.1.1"\n'
+                      f'outbox = "{tmp_path / "v311.db"}"\n')
+    dead = mosquitto.free_port()  # nothing listens here
+    no_broker = tmp_path / "dead.toml"
+    no_broker.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\noutbox = "{tmp_path / "dead.db"}"\n')
+    common = ["--sim", f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"), "--fleet", "lab",
+              "--duration", "6"]
+    try:
+        v311 = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), *common,
+                                 "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--car-id", "old"],
+                                stderr=subprocess.PIPE, text=True)
+        cut_off = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(no_broker), *common,
+                                    "--mqtt", f"mqtt://127.0.0.1:{dead}", "--car-id", "lonely"],
+                                   stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: retained(broker, "donkey/lab/old/state").get("state") == "online", 30, interval=0.2)
+        _, cut_off_log = cut_off.communicate(timeout=60)
+        v311.communicate(timeout=60)
+    finally:
+        twin.send_signal(signal.SIGTERM)
+        twin.wait(20)
+        broker.stop()
+    assert cut_off.returncode == 0 and v311.returncode == 0
+    pattern = r"stopped \(duration of 6 s reached\): (\d+) cycles, (\d+) deadline misses, (\d+) frames missed"
+    summary = re.search(pattern, cut_off_log)
+    assert summary is not None, cut_off_log[-2000:]
+    cycles, misses, missed = map(int, summary.groups())
+    assert cycles > 80 and misses == 0 and missed <= 2  # 20 Hz throughout, while the fleet link kept failing
+    assert len(Outbox(tmp_path / "dead.db")) >= 2  # its events wait in the outbox for a broker
