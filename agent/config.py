@@ -145,6 +145,8 @@ class TelemetryConfig(Section):
     key: Path | None = None
     outbox: Path | None = None  # default: $STATE_DIRECTORY/outbox.db (systemd), else ~/.local/state/donkey-agent
     outbox_max_events: Annotated[int, Field(ge=10)] = 10_000
+    homeassistant: bool = False  # publish Home Assistant MQTT discovery configs
+    homeassistant_prefix: str = "homeassistant"
 
     @model_validator(mode="after")
     def _url_scheme(self) -> TelemetryConfig:

@@ -208,3 +208,45 @@ def test_mqtt_3_1_1_and_driving_unaffected_by_a_dead_broker(tmp_path: Path) -> N
     cycles, misses, missed = map(int, summary.groups())
     assert cycles > 80 and misses == 0 and missed <= 2  # 20 Hz throughout, while the fleet link kept failing
     assert len(Outbox(tmp_path / "dead.db")) >= 2  # its events wait in the outbox for a broker
+
+
+@pytest.mark.slow
+def test_home_assistant_discovery_and_rediscovery(tmp_path: Path) -> None:
+    broker = mosquitto.Broker(tmp_path).start()
+    twin, sim_port = start_twin("--track", "generated_track")
+    config = tmp_path / "ha.toml"
+    config.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\nhomeassistant = true\n'
+                      f'outbox = "{tmp_path / "ha.db"}"\n')
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--sim",
+                              f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"),
+                              "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--car-id", "ha1", "--fleet", "lab"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: retained(broker, "donkey/lab/ha1/state").get("state") == "online", 30, interval=0.2)
+        configs = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t",
+                                  "homeassistant/#", "-v", "-W", "2"], capture_output=True, text=True, timeout=10,
+                                 check=False).stdout.splitlines()
+        watcher = broker.subscribe("homeassistant/#")
+        time.sleep(0.5)
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "homeassistant/status",
+                        "-m", "online"], check=True, timeout=10)
+        time.sleep(1.0)
+        republished = mosquitto.collect(watcher)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+        twin.send_signal(signal.SIGTERM)
+        twin.wait(20)
+        broker.stop()
+    retained_configs = dict(line.split(" ", 1) for line in configs)
+    mode = json.loads(retained_configs["homeassistant/sensor/donkey_lab_ha1/mode/config"])
+    assert mode["state_topic"] == "donkey/lab/ha1/telemetry" and mode["availability_topic"] == "donkey/lab/ha1/state"
+    assert mode["device"]["identifiers"] == ["donkey_lab_ha1"] and mode["unique_id"] == "donkey_lab_ha1_mode"
+    assert "homeassistant/binary_sensor/donkey_lab_ha1/fault/config" in retained_configs
+    # After "online" from Home Assistant every config is sent again (beyond the retained copies a new
+    # subscriber gets at once).
+    counts: dict[str, int] = {}
+    for topic, _ in republished:
+        if topic.endswith("/config"):
+            counts[topic] = counts.get(topic, 0) + 1
+    assert len(counts) == 8 and all(count >= 2 for count in counts.values())

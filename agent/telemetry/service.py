@@ -27,7 +27,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import TelemetryConfig
 from agent.core.drive import DriveCore
 from agent.core.handoff import Command, Event
-from agent.telemetry import commands, topics
+from agent.telemetry import commands, homeassistant, topics
 from agent.telemetry.commands import SeenIds
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.platform import platform_health
@@ -94,6 +94,9 @@ class TelemetryService:
         # The birth goes out first on every connect, so "online" always follows a will.
         client.publish(self.topics.state, json.dumps(topics.birth(self.identity)), qos=1, retain=True)
         client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
+        if self.config.homeassistant:
+            self._publish_discovery()
+            client.subscribe(f"{self.config.homeassistant_prefix}/status", qos=1)
         self._call(self._connected)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
@@ -103,7 +106,15 @@ class TelemetryService:
         self._call(self._acknowledged, mid, bool(getattr(reason, "is_failure", False)), str(reason))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if self.config.homeassistant and message.topic == f"{self.config.homeassistant_prefix}/status":
+            if bytes(message.payload) == b"online":  # Home Assistant restarted: tell it about us again
+                self._publish_discovery()
+            return
         self._call(self._command, message.topic, bytes(message.payload))
+
+    def _publish_discovery(self) -> None:
+        for topic, payload in homeassistant.discovery(self.topics, self.identity, self.config.homeassistant_prefix):
+            self.client.publish(topic, payload, qos=1, retain=True)
 
     # -- on the asyncio loop ----------------------------------------------------------------------
     def _connected(self) -> None:
