@@ -146,6 +146,7 @@ class TelemetryConfig(Section):
     outbox: Path | None = None  # default: $STATE_DIRECTORY/outbox.db (systemd), else ~/.local/state/donkey-agent
     outbox_max_events: Annotated[int, Field(ge=10)] = 10_000
     homeassistant: bool = False  # publish Home Assistant MQTT discovery configs
+    prometheus: str | None = None  # e.g. "127.0.0.1:9108": a local /metrics endpoint (needs no broker)
     homeassistant_prefix: str = "homeassistant"
 
     @model_validator(mode="after")

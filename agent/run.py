@@ -31,6 +31,7 @@ from agent.hw.gpio import EStopButton, StatusLed
 from agent.hw.interfaces import Actuators, Camera
 from agent.pilot import Autopilot, ModelError
 from agent.service.notify import Notifier, watchdog_interval
+from agent.telemetry.prometheus import MetricsExporter, serve
 from agent.telemetry.service import TelemetryService
 from agent.tub import TubRecorder, TubWriter
 
@@ -207,6 +208,9 @@ class Supervisor:
                     tasks.create_task(self._stop_after(self.duration), name="duration")
                 if self.telemetry is not None:
                     tasks.create_task(self.telemetry.run(fleet_stop, core.status), name="fleet-link")
+                if self.config.telemetry.prometheus:
+                    exporter = MetricsExporter(core, self._fleet_metrics)
+                    tasks.create_task(serve(exporter, self.config.telemetry.prometheus, fleet_stop), name="metrics")
                 await self.stop.wait()
                 notifier.stopping(f"stopping ({self.reason})")
                 stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
@@ -228,6 +232,13 @@ class Supervisor:
             if core.error is not None or not stopped_cleanly:
                 return EXIT_FAILED
             return EXIT_OK
+
+    def _fleet_metrics(self) -> dict[str, float]:
+        if self.telemetry is None:
+            return {}
+        return {"donkey_outbox_events": len(self.telemetry.outbox),
+                "donkey_outbox_dropped": self.telemetry.outbox.dropped,
+                "donkey_broker_connected": int(self.telemetry.connected.is_set())}
 
     def drain_events(self) -> None:
         if self.core is not None:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import ssl
 import time
 import uuid
@@ -76,7 +77,9 @@ class TelemetryService:
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
         client.will_set(self.topics.state, json.dumps(topics.will(self.config.car_id)), qos=1, retain=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Exponential backoff (paho doubles the delay per attempt), with a per-car random start and cap
+        # so that a fleet does not reconnect in lockstep after a broker restart.
+        client.reconnect_delay_set(min_delay=random.uniform(0.5, 1.5), max_delay=random.uniform(25.0, 35.0))  # type: ignore[arg-type]
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
