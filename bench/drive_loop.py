@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "models" / "pilot.tflite"
 RATE_HZ = 20.0
-LOADS = ("none", "in-process", "cpu-stress")
+LOADS = ("none", "in-process", "cpu-stress")  # "mqtt-flood" is run by bench/mqtt_publish.py
 
 
 # -- loads ---------------------------------------------------------------------------------------
@@ -55,6 +55,31 @@ def spin() -> None:
         pass
 
 
+def mqtt_flood(stop: threading.Event, port: int, counter: list[int]) -> None:
+    """Publish telemetry-sized messages at DONKEY_BENCH_RATE per second (default 2,000) from this process,
+    as the fleet link would, in bursts every 10 ms."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    rate = float(os.environ.get("DONKEY_BENCH_RATE", "2000"))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.on_publish = lambda *args: counter.__setitem__(0, counter[0] + 1)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    payload = json.dumps({"version": 1, "seq": 0, "ts": 0, "values": {f"k{i}": i * 0.5 for i in range(20)}})
+    burst, tick = max(1, round(rate / 100)), 0.01
+    deadline = time.monotonic()
+    while not stop.is_set():
+        for _ in range(burst):
+            client.publish("bench/flood", payload, qos=0)
+        deadline += tick
+        delay = deadline - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+    client.loop_stop()
+    client.disconnect()
+
+
 class Load:
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -68,6 +93,11 @@ class Load:
                             for _ in range(2)]
             for thread in self.threads:
                 thread.start()
+        elif self.kind == "mqtt-flood":
+            self.published = [0]
+            port = int(os.environ["DONKEY_BENCH_BROKER_PORT"])
+            self.threads = [threading.Thread(target=mqtt_flood, args=(self.stop, port, self.published), daemon=True)]
+            self.threads[0].start()
         elif self.kind == "cpu-stress":
             self.processes = [multiprocessing.Process(target=spin, daemon=True) for _ in range(os.cpu_count() or 2)]
             for process in self.processes:
@@ -138,13 +168,14 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
     config = DriveConfig(rate_hz=RATE_HZ, pacing=pacing, max_throttle=0.5,  # type: ignore[arg-type]
                          realtime=RealtimeConfig(priority=50, lock_memory=True))
     core = DriveCore(config, DriveParts(camera, actuators, lambda: Autopilot(MODEL), recorder))
-    with Load(load):
+    with Load(load) as running_load:
         core.start()
         if not core.wait_ready(60):
             raise SystemExit(f"our core did not start: {core.error}")
         time.sleep(seconds)
         first_actuation = float(core.metrics.rows[0, INDEX["actuated"]])  # row 0: the first cycle
         core.stop()
+    published = getattr(running_load, "published", None)
     rows = core.metrics.recent()[5:]  # the first cycles include warm-up effects for both loops
     ends = rows[:, INDEX["actuated"]]  # when each write began
     seqs = [int(s) if d else -1 for s, d in zip(rows[:, INDEX["frame_seq"]], rows[:, INDEX["decided"]], strict=True)]
@@ -152,6 +183,8 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
                        list(rows[rows[:, INDEX["decided"]] == 1, INDEX["invoke_ms"]] / 1e3),
                        list(rows[:, INDEX["overhead_ms"]] / 1e3), first_actuation - started)
     result["realtime"] = core.realtime.as_dict() if core.realtime else None
+    if published is not None:
+        result["published_per_s"] = round(published[0] / seconds, 1)  # sent on the socket (on_publish)
     result["frames_missed"] = core.metrics.frames_missed
     if recorder is not None:
         recorder.close()
@@ -284,7 +317,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--child", choices=["ours", "ours-camera", "donkeycar"])
-    parser.add_argument("--load", choices=LOADS, default="none")
+    parser.add_argument("--load", choices=[*LOADS, "mqtt-flood"], default="none")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
     if args.child:
