@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any, TextIO
@@ -86,6 +86,14 @@ def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> Statu
     except Exception as exc:  # gpiozero raises its own hierarchy (BadPinFactory, PinInvalidPin, ...)
         raise HardwareUnavailableError(f"GPIO: {type(exc).__name__}: {exc}") from None
     return None
+
+
+async def contained(job: Coroutine[Any, Any, None], what: str) -> None:
+    """Run an optional service; if it fails, log it and keep driving (the car does not need it)."""
+    try:
+        await job
+    except Exception:
+        log.exception("%s failed; driving continues without it", what)
 
 
 def identity(config: AgentConfig) -> dict[str, Any]:
@@ -207,10 +215,12 @@ class Supervisor:
                 if self.duration is not None:
                     tasks.create_task(self._stop_after(self.duration), name="duration")
                 if self.telemetry is not None:
-                    tasks.create_task(self.telemetry.run(fleet_stop, core.status), name="fleet-link")
+                    tasks.create_task(contained(self.telemetry.run(fleet_stop, core.status), "the fleet link"),
+                                      name="fleet-link")
                 if self.config.telemetry.prometheus:
                     exporter = MetricsExporter(core, self._fleet_metrics)
-                    tasks.create_task(serve(exporter, self.config.telemetry.prometheus, fleet_stop), name="metrics")
+                    tasks.create_task(contained(serve(exporter, self.config.telemetry.prometheus, fleet_stop),
+                                                "the metrics endpoint"), name="metrics")
                 await self.stop.wait()
                 notifier.stopping(f"stopping ({self.reason})")
                 stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)

@@ -223,3 +223,18 @@ def test_journald_format_under_systemd(tmp_path: Path) -> None:
     assert any(line.startswith("<6>donkey-agent: stopped (duration of 1.5 s reached)") for line in log_lines)
     assert all(line[:3] in ("<2>", "<3>", "<4>", "<6>", "<7>") for line in log_lines)
     assert not any(line[3:5].isdigit() for line in log_lines)  # no timestamps: journald adds its own
+
+
+def test_a_failing_optional_service_does_not_stop_driving(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from agent.run import contained
+
+    async def broken() -> None:
+        import sqlite3
+
+        raise sqlite3.DatabaseError("database disk image is malformed")
+
+    with caplog.at_level("ERROR", logger="donkey-agent"):
+        asyncio.run(contained(broken(), "the fleet link"))  # returns instead of raising
+    assert "the fleet link failed; driving continues without it" in caplog.text
