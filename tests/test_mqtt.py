@@ -22,19 +22,22 @@ SCHEMAS = ROOT / "schemas"
 pytestmark = pytest.mark.skipif(bool(mosquitto.available()), reason=mosquitto.available() or "ok")
 
 
-def start_agent(tmp_path: Path, sim_port: int, broker_port: int, car: str = "car1") -> subprocess.Popen[str]:
-    config = tmp_path / "agent.toml"
+def start_agent(tmp_path: Path, sim_port: int, broker_port: int, car: str = "car1", telemetry: str = "",
+                *args: str) -> subprocess.Popen[str]:
+    """`donkey-agent run` on the twin with the shipped model, linked to the broker as donkey/lab/<car>."""
+    config = tmp_path / f"agent-{car}.toml"
     config.write_text(f"""
 [drive.realtime]
 priority = 0
 [telemetry]
 keepalive_s = 2
 rate_hz = 5
-outbox = "{tmp_path / 'outbox.db'}"
+outbox = "{tmp_path / f'outbox-{car}.db'}"
+{telemetry}
 """)
     return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--sim",
                              f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"),
-                             "--mqtt", f"mqtt://127.0.0.1:{broker_port}", "--car-id", car, "--fleet", "lab"],
+                             "--mqtt", f"mqtt://127.0.0.1:{broker_port}", "--car-id", car, "--fleet", "lab", *args],
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -117,7 +120,7 @@ def test_events_survive_a_broker_outage(tmp_path: Path) -> None:
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
         broker.stop()
-    assert len(Outbox(tmp_path / "outbox.db")) == 0  # every event was acknowledged, none left behind
+    assert len(Outbox(tmp_path / "outbox-car1.db")) == 0  # every event was acknowledged, none left behind
 
 
 @pytest.mark.slow
@@ -179,21 +182,10 @@ def test_mqtt_3_1_1_and_driving_unaffected_by_a_dead_broker(tmp_path: Path) -> N
     """Grafana-style MQTT 3.1.1 works; and with no broker at all the drive loop keeps every deadline."""
     broker = mosquitto.Broker(tmp_path).start()
     twin, sim_port = start_twin("--track", "generated_track")
-    config = tmp_path / "v311.toml"
-    config.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\nprotocol = "3.1.1"\n'
-                      f'outbox = "{tmp_path / "v311.db"}"\n')
     dead = mosquitto.free_port()  # nothing listens here
-    no_broker = tmp_path / "dead.toml"
-    no_broker.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\noutbox = "{tmp_path / "dead.db"}"\n')
-    common = ["--sim", f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"), "--fleet", "lab",
-              "--duration", "6"]
     try:
-        v311 = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), *common,
-                                 "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--car-id", "old"],
-                                stderr=subprocess.PIPE, text=True)
-        cut_off = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(no_broker), *common,
-                                    "--mqtt", f"mqtt://127.0.0.1:{dead}", "--car-id", "lonely"],
-                                   stderr=subprocess.PIPE, text=True)
+        v311 = start_agent(tmp_path, sim_port, broker.port, "old", 'protocol = "3.1.1"', "--duration", "6")
+        cut_off = start_agent(tmp_path, sim_port, dead, "lonely", "", "--duration", "6")
         assert wait_for(lambda: retained(broker, "donkey/lab/old/state").get("state") == "online", 30, interval=0.2)
         _, cut_off_log = cut_off.communicate(timeout=60)
         v311.communicate(timeout=60)
@@ -207,20 +199,14 @@ def test_mqtt_3_1_1_and_driving_unaffected_by_a_dead_broker(tmp_path: Path) -> N
     assert summary is not None, cut_off_log[-2000:]
     cycles, misses, missed = map(int, summary.groups())
     assert cycles > 80 and misses == 0 and missed <= 2  # 20 Hz throughout, while the fleet link kept failing
-    assert len(Outbox(tmp_path / "dead.db")) >= 2  # its events wait in the outbox for a broker
+    assert len(Outbox(tmp_path / "outbox-lonely.db")) >= 2  # its events wait in the outbox for a broker
 
 
 @pytest.mark.slow
 def test_home_assistant_discovery_and_rediscovery(tmp_path: Path) -> None:
     broker = mosquitto.Broker(tmp_path).start()
     twin, sim_port = start_twin("--track", "generated_track")
-    config = tmp_path / "ha.toml"
-    config.write_text(f'[drive.realtime]\npriority = 0\n[telemetry]\nhomeassistant = true\n'
-                      f'outbox = "{tmp_path / "ha.db"}"\n')
-    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--sim",
-                              f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"),
-                              "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--car-id", "ha1", "--fleet", "lab"],
-                             stderr=subprocess.PIPE, text=True)
+    agent = start_agent(tmp_path, sim_port, broker.port, "ha1", "homeassistant = true")
     try:
         assert wait_for(lambda: retained(broker, "donkey/lab/ha1/state").get("state") == "online", 30, interval=0.2)
         configs = subprocess.run(["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t",
