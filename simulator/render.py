@@ -203,7 +203,7 @@ class CameraRenderer:
         haze = haze[order]
         self._keep = (1 - haze)[:, None]
         self._haze_colour = (haze[:, None] * SKY_HORIZON[None, :]).astype(np.float32)
-        self._lookup = np.empty(len(flat), dtype=np.int64)
+        self._colours = np.empty((len(flat), 3), dtype=np.float32)
         self._frame = np.empty((h * w, 3), dtype=np.float32)
 
     def render(
@@ -221,7 +221,7 @@ class CameraRenderer:
         world_z = z + self._forward * cos_yaw - self._right * sin_yaw
         frame = self._frame
         frame[:] = self._background.reshape(-1, 3)
-        colours = np.empty((len(self._pixels), 3), dtype=np.float32)
+        colours = self._colours
         tex = self.texture
         for k, part in self._level_slices:
             res = TEXTURE_RESOLUTION * (2**k)

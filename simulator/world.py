@@ -71,6 +71,7 @@ class TwinCar:
         self._rng = np.random.default_rng(seed)
         self._texture = shared_texture(self.track, seed, self.randomization.texture)
         self._renderers: dict[CameraConfig, CameraRenderer] = {}
+        self._noise_bank: NDArray[np.float32] | None = None  # made on first use, when noise is on
         self.camera = camera or CameraConfig()
         self.stats = DriveStats()
         self.state = physics.CarState()
@@ -187,11 +188,11 @@ class TwinCar:
         return renderer.render(self.state.x, self.state.z, self.state.yaw, gain=self._gain, noise=noise)
 
     def _noise(self, config: CameraConfig) -> NDArray[np.float32]:
-        bank = getattr(self, "_noise_bank", None)
+        bank = self._noise_bank
         size = config.width * config.height * 3
         if bank is None or bank.size < size * 2:
-            bank = self._rng.normal(0, self.randomization.noise, size=size * NOISE_BANK_FRAMES)
-            self._noise_bank = bank = bank.astype(np.float32)
+            normal = self._rng.normal(0, self.randomization.noise, size=size * NOISE_BANK_FRAMES)
+            self._noise_bank = bank = normal.astype(np.float32)
         start = int(self._rng.integers(0, bank.size - size))
         return bank[start : start + size]
 

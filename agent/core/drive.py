@@ -77,6 +77,7 @@ class DriveCore:
         self.mode = config.mode
         self.max_throttle = config.max_throttle
         self.pilot: Autopilot | None = None
+        self.keeper: RateKeeper | None = None  # timer pacing: its lag and skipped periods go into status()
         self.realtime: RealtimeReport | None = None
         self.heartbeat = 0.0  # clock() at the end of the last cycle: the watchdog's view of liveness
         self.last_output = (0.0, 0.0)  # what the actuators were last told
@@ -144,6 +145,8 @@ class DriveCore:
             "faults": sorted(f.value for f in self.supervisor.active),
             "max_throttle": self.max_throttle,
             "recording": self.recording,
+            "lagging": bool(self.keeper and self.config.pacing == "timer" and self.keeper.lagging),
+            "missed_periods": self.keeper.missed_periods if self.keeper else 0,
             "steering": self.last_output[0],
             "throttle": self.last_output[1],
             **summary,
@@ -199,7 +202,7 @@ class DriveCore:
         timer_paced = config.pacing == "timer"
         output_delay = config.output_delay_ms / 1000.0
         tick = 0.0
-        keeper = RateKeeper(config.rate_hz, clock=clock)
+        keeper = self.keeper = RateKeeper(config.rate_hz, clock=clock)
         metrics, supervisor, pilot = self.metrics, self.supervisor, self.pilot
         last_seq, frame_time = first.seq, first.timestamp
         previous_actuation = clock()

@@ -88,6 +88,10 @@ class MetricsExporter:
                [f"donkey_frames_missed_total {metrics.frames_missed}"])
         metric("donkey_frames_dropped_total", "counter", "Camera frames the loop never saw.",
                [f"donkey_frames_dropped_total {metrics.frames_dropped}"])
+        metric("donkey_missed_periods_total", "counter", "Timer-paced periods skipped because the loop was late.",
+               [f"donkey_missed_periods_total {self.core.keeper.missed_periods if self.core.keeper else 0}"])
+        metric("donkey_metrics_rows_lost_total", "counter", "Loop rows overwritten before this exporter read them.",
+               [f"donkey_metrics_rows_lost_total {self.rows_lost}"])
         for name, (_, help_text) in HISTOGRAMS.items():
             metric(name, "histogram", help_text, self.histograms[name].lines(name))
         status = core.status()
