@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
     doctor = commands.add_parser("doctor", help="check this car: config, devices, permissions, real time, model")
     doctor.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
+    estop = commands.add_parser("estop", help="e-stop the running agent on this machine (sends it SIGUSR1)")
+    estop.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
+    faults = commands.add_parser("faults", help="the latched faults kept across restarts; clear them while stopped")
+    faults.add_argument("action", nargs="?", choices=("show", "clear"), default="show")
+    faults.add_argument("fault", nargs="*", help="faults to clear (default: all)")
+    faults.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
     imp = commands.add_parser("import-calibration",
                               help="print the [actuators] section for a calibrated DonkeyCar's myconfig.py")
     imp.add_argument("myconfig", type=Path)
@@ -70,7 +76,7 @@ def tub_info(path: Path) -> dict[str, object]:
 
 def _run(args: argparse.Namespace) -> int:
     from agent.hw.donkeysim.client import SimError
-    from agent.hw.factory import HardwareUnavailableError
+    from agent.hw.errors import HardwareUnavailableError
     from agent.run import EXIT_CONFIG, EXIT_UNAVAILABLE, run
     from agent.service.logs import configure_logging
 
@@ -111,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"donkey-agent: invalid config:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return run(config, config_path=path, duration=args.duration, record=args.record)
+        return run(config, config_path=path, overrides=overrides, duration=args.duration, record=args.record)
     except (HardwareUnavailableError, SimError) as exc:
         print(f"donkey-agent: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE
@@ -140,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 78
         code, text = safe_stop(config)
+        print(text, file=sys.stderr if code else sys.stdout)
+        return code
+    if args.command in ("estop", "faults"):
+        from agent.service.control import estop, faults
+
+        path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+        try:
+            config = load(path)
+        except ConfigError as exc:
+            print(f"donkey-agent {args.command}: invalid config:\n{exc}", file=sys.stderr)
+            return 78
+        code, text = estop(config) if args.command == "estop" else faults(config, args.action, args.fault)
         print(text, file=sys.stderr if code else sys.stdout)
         return code
     if args.command == "import-calibration":

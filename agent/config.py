@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.errors import AgentError
+
 DEFAULT_PATH = Path("/etc/donkey-agent/agent.toml")
 
 Mode = Literal["user", "local_angle", "local"]
@@ -22,7 +24,7 @@ Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Pulse = Annotated[int, Field(ge=0, le=4095)]
 
 
-class ConfigError(ValueError):
+class ConfigError(AgentError, ValueError):
     """An invalid config: the message names the file, the key and the problem."""
 
 
@@ -54,6 +56,13 @@ class DriveConfig(Section):
     overrun_limit: Annotated[int, Field(ge=1)] = 3  # consecutive inference overruns before neutral
     heartbeat_timeout_ms: Annotated[float, Field(gt=0)] = 500.0  # manual control in `user` mode
     fault_clear_hold_ms: Annotated[float, Field(ge=0)] = 300.0  # a transient fault must be gone this long
+    estop_hold_ms: Annotated[float, Field(ge=0, le=60_000)] = 1000.0  # a clear must arrive this long after an e-stop
+    # The dead-man monitor writes neutral and latches drive_stall when the drive thread misses its
+    # cycles for this many periods past its own deadline.
+    deadman_periods: Annotated[float, Field(ge=1, le=100)] = 3.0
+    # After an unclean exit while driving (crash, kill, watchdog, power cut): "hold" starts with the
+    # unclean_exit fault latched (neutral until a clear_fault); "resume" drives again.
+    after_crash: Literal["hold", "resume"] = "hold"
     realtime: RealtimeConfig = RealtimeConfig()
 
     @model_validator(mode="after")
@@ -107,6 +116,13 @@ class Pca9685Config(Section):
     steering_channel: Annotated[int, Field(ge=0, le=15)] = 1
     throttle_channel: Annotated[int, Field(ge=0, le=15)] = 0
 
+    @model_validator(mode="after")
+    def _distinct_channels(self) -> Pca9685Config:
+        if self.steering_channel == self.throttle_channel:
+            raise ValueError(f"steering_channel and throttle_channel are both {self.steering_channel}: "
+                             "the servo and the ESC need a channel each")
+        return self
+
 
 class ActuatorsConfig(Section):
     backend: Literal["twin", "pca9685"] = "twin"
@@ -143,17 +159,25 @@ class TelemetryConfig(Section):
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
-    outbox: Path | None = None  # default: $STATE_DIRECTORY/outbox.db (systemd), else ~/.local/state/donkey-agent
+    outbox: Path | None = None  # default: outbox.db in the state directory ([state] directory)
     outbox_max_events: Annotated[int, Field(ge=10)] = 10_000
     homeassistant: bool = False  # publish Home Assistant MQTT discovery configs
     prometheus: str | None = None  # e.g. "127.0.0.1:9108": a local /metrics endpoint (needs no broker)
     homeassistant_prefix: str = "homeassistant"
+    command_rate_per_s: Annotated[float, Field(gt=0, le=1000)] = 10.0  # commands accepted per second (burst 20)
+    command_result_expiry_s: Annotated[int, Field(ge=1)] = 3600  # MQTT 5 message expiry of the retained .../res
 
     @model_validator(mode="after")
     def _url_scheme(self) -> TelemetryConfig:
         if self.url is not None and not self.url.startswith(("mqtt://", "mqtts://")):
             raise ValueError(f"url {self.url!r} must start with mqtt:// or mqtts://")
         return self
+
+
+class StateConfig(Section):
+    # Latched faults, the run marker and the fleet outbox live here. Default: $STATE_DIRECTORY
+    # (systemd's StateDirectory=), else $XDG_STATE_HOME (~/.local/state)/donkey-agent/<fleet>-<car_id>.
+    directory: Path | None = None
 
 
 class LoggingConfig(Section):
@@ -169,6 +193,7 @@ class AgentConfig(Section):
     gpio: GpioConfig = GpioConfig()
     recording: RecordingConfig = RecordingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     source: str = Field(default="<defaults>", exclude=True)
 
@@ -212,7 +237,10 @@ def load(path: Path | None) -> AgentConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML must be UTF-8): byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "source" in data:

@@ -1,22 +1,24 @@
-"""``donkey-agent run``: the asyncio supervisor around the drive core, on a terminal or under systemd.
+"""``donkey-agent run``: the daemon around the drive core, on a terminal or under systemd.
 
-The event loop owns I/O and lifecycles (signals, sd_notify, logs, the status line); the drive
-core runs on its own thread and never waits on this loop. Every task lives in one TaskGroup
-and stops on the same event: SIGTERM/SIGINT, the requested duration, or the core ending.
-``READY=1`` goes out only once the core is warm (camera streaming, first inference done,
-actuators at neutral); ``WATCHDOG=1`` only while the core cycles and its outputs are accepted
-(see ``DriveCore.health``) and this loop is responsive, never tied to any network link.
+The event loop owns I/O and lifecycles (signals, sd_notify, logs, the status line, the safety
+state file, the fleet link); the drive core runs on its own thread and never waits on this loop.
+Every task lives in one TaskGroup and stops on the same event: SIGTERM/SIGINT, the requested
+duration, or the core ending. ``READY=1`` goes out only once the core is warm (camera streaming,
+first inference done, actuators at neutral); ``WATCHDOG=1`` only while the core cycles and its
+outputs are accepted (see ``DriveCore.health``) and this loop is responsive, never tied to any
+network link. Optional services (the fleet link, the metrics endpoint) run contained: their
+failure is logged and driving goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack, closing
@@ -24,15 +26,18 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.config import AgentConfig, ConfigError, load
+from agent.core.commands import CommandLane, SetMaxThrottle
 from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
-from agent.core.handoff import Command, Event
-from agent.hw.factory import HardwareUnavailableError, build_hardware
+from agent.hw.errors import HardwareUnavailableError
+from agent.hw.factory import build_hardware
 from agent.hw.gpio import EStopButton, StatusLed
 from agent.hw.interfaces import Actuators, Camera
 from agent.pilot import Autopilot, ModelError
 from agent.service.notify import Notifier, watchdog_interval
+from agent.service.report import changed_keys, identity, log_event, short_status, status_line
+from agent.service.state import SafetyState, StateKeeper, restored_faults, state_directory
+from agent.telemetry.link import FleetLink
 from agent.telemetry.prometheus import MetricsExporter, serve
-from agent.telemetry.service import TelemetryService
 from agent.tub import TubRecorder, TubWriter
 
 log = logging.getLogger("donkey-agent")
@@ -40,39 +45,14 @@ log = logging.getLogger("donkey-agent")
 EXIT_OK, EXIT_FAILED, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 65, 69, 78
 READY_TIMEOUT = 45.0
 STOP_TIMEOUT = 5.0
+PERSIST_INTERVAL = 0.05
 LIVE_KEYS = {"drive.max_throttle", "logging.level"}  # what SIGHUP can change without a restart
 
 BuildHardware = Callable[[AgentConfig, ExitStack], tuple[Camera, Actuators]]
 
 
-def log_event(event: Event) -> None:
-    detail = ", ".join(f"{k}={v}" for k, v in event.detail.items() if v not in (None, ""))
-    level = logging.WARNING if event.kind == "fault" or (event.kind == "command" and not event.detail.get("ok")) \
-        else logging.INFO
-    if event.kind == "stopped" and event.detail.get("error"):
-        level = logging.ERROR
-    log.log(level, "%s: %s", event.kind, detail)
-
-
-def status_line(status: dict[str, Any]) -> str:
-    period = status.get("period_error_ms", {})
-    age = status.get("frame_age_ms", {})
-    invoke = status.get("invoke_ms", {})
-    faults = ", ".join(status["faults"]) or "none"
-    return (f"{status['mode']:11s} {status.get('rate_hz', 0):5.1f} Hz | period err p99 {period.get('p99', 0):5.2f} ms"
-            f" | frame age p50 {age.get('p50', 0):5.1f} ms | invoke p50 {invoke.get('p50', 0):5.2f} ms"
-            f" | steer {status['steering']:+.2f} throttle {status['throttle']:+.2f} | faults: {faults}")
-
-
-def short_status(status: dict[str, Any]) -> str:
-    """systemd's STATUS=: what `systemctl status` shows on one line."""
-    faults = ", ".join(status["faults"]) or "none"
-    p99 = status.get("period_error_ms", {}).get("p99", 0)
-    return f"{status['mode']}, {status.get('rate_hz', 0):.1f} Hz, p99 period error {p99:.2f} ms, faults: {faults}"
-
-
 def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> StatusLed | None:
-    """The e-stop button feeds the core's command queue; the LED shows mode and faults."""
+    """The e-stop button sets its level on the core's stop board; the LED shows mode and faults."""
     gpio = config.gpio
     if gpio.estop_pin is None and gpio.status_led_pin is None:
         return None
@@ -80,7 +60,7 @@ def attach_gpio(config: AgentConfig, core: DriveCore, stack: ExitStack) -> Statu
         os.environ["GPIOZERO_PIN_FACTORY"] = gpio.pin_factory
     try:
         if gpio.estop_pin is not None:
-            stack.enter_context(closing(EStopButton(gpio.estop_pin, core.commands)))
+            stack.enter_context(closing(EStopButton(gpio.estop_pin, core.stops.source("button"))))
         if gpio.status_led_pin is not None:
             return stack.enter_context(closing(StatusLed(gpio.status_led_pin)))
     except Exception as exc:  # gpiozero raises its own hierarchy (BadPinFactory, PinInvalidPin, ...)
@@ -96,55 +76,30 @@ async def contained(job: Coroutine[Any, Any, None], what: str) -> None:
         log.exception("%s failed; driving continues without it", what)
 
 
-def identity(config: AgentConfig) -> dict[str, Any]:
-    """What the retained birth message says about this agent."""
-    from agent import __version__
-
-    model = config.autopilot.model
-    model_sha = hashlib.sha256(model.read_bytes()).hexdigest() if model is not None and model.exists() else None
-    try:
-        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        boot_id = None
-    digest = hashlib.sha256(config.model_dump_json(exclude={"source"}).encode()).hexdigest()[:16]
-    return {"car_id": config.telemetry.car_id, "fleet": config.telemetry.fleet, "agent_version": __version__,
-            "model_sha256": model_sha, "boot_id": boot_id, "config_digest": digest, "pid": os.getpid(),
-            "started_at": round(time.time(), 3)}
-
-
 def apply_log_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
 
-def changed_keys(old: AgentConfig, new: AgentConfig) -> list[str]:
-    def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in data.items():
-            if isinstance(value, dict):
-                flat.update(flatten(value, f"{prefix}{key}."))
-            else:
-                flat[f"{prefix}{key}"] = value
-        return flat
-
-    a, b = flatten(old.model_dump(exclude={"source"})), flatten(new.model_dump(exclude={"source"}))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-class Supervisor:
-    def __init__(self, config: AgentConfig, *, config_path: Path | None = None, duration: float | None = None,
+class Daemon:
+    def __init__(self, config: AgentConfig, *, config_path: Path | None = None,
+                 overrides: dict[str, Any] | None = None, duration: float | None = None,
                  record: Path | None = None, stream: TextIO = sys.stderr,
                  build: BuildHardware = build_hardware) -> None:
         self.config = config
         self.config_path = config_path
+        self.overrides = dict(overrides or {})  # command-line values: a reload keeps them
         self.duration = duration
-        self.record = record
+        self.record = record if record is not None else config.recording.path
         self.stream = stream
         self.build = build
         self.notifier = Notifier()
         self.stop = asyncio.Event()
         self.reason = ""
         self.core: DriveCore | None = None
-        self.telemetry: TelemetryService | None = None
+        self.fleet: FleetLink | None = None
+        self.recorder: TubRecorder | None = None
+        self.keeper: StateKeeper | None = None
+        self.reload_lane = CommandLane("reload", capacity=4)
         self.watchdog_withheld = ""
 
     def request_stop(self, reason: str) -> None:
@@ -159,105 +114,213 @@ class Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop, signal.Signals(signum).name)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.signal_estop)
+        state = SafetyState(state_directory(self.config))
         try:
-            return await self._run()
+            state.lock()
+        except (OSError, RuntimeError) as exc:
+            log.error("%s", exc)
+            return EXIT_UNAVAILABLE
+        try:
+            return await self._run(state)
         finally:
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            state.unlock()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(signum)
 
-    async def _run(self) -> int:
-        notifier = self.notifier
+    def signal_estop(self) -> None:
+        """SIGUSR1 (``donkey-agent estop``, ``systemctl kill -s USR1``): an e-stop from this machine."""
+        if self.core is not None:
+            self.core.stops.source("signal").press("SIGUSR1 (donkey-agent estop)")
+            log.warning("e-stop requested by SIGUSR1")
+            self._persist()
+
+    async def _build(self, stack: ExitStack) -> tuple[Camera, Actuators] | None:
+        """Open the hardware on a thread this loop does not wait for when asked to stop."""
+        result: list[Any] = []
+
+        def build() -> None:
+            try:
+                result.append(self.build(self.config, stack))
+            except BaseException as exc:
+                result.append(exc)
+
+        thread = threading.Thread(target=build, name="open-hardware", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            if self.stop.is_set():
+                return None  # the process is ending; the OS closes whatever the thread opened
+            await asyncio.sleep(0.05)
+        if isinstance(result[0], BaseException):
+            raise result[0]
+        return result[0]
+
+    async def _run(self, state: SafetyState) -> int:
+        notifier, config = self.notifier, self.config
+        saved = state.load()
+        restored = restored_faults(saved, after_crash=config.drive.after_crash)
+        keeper = self.keeper = StateKeeper(state)
         with ExitStack() as stack:
             notifier.status("starting: opening the camera and actuators")
             notifier.extend_timeout(30)
-            camera, actuators = await asyncio.to_thread(self.build, self.config, stack)
-            recorder = None
-            if self.record is not None:
-                writer = TubWriter(self.record, RECORD_INPUTS, RECORD_TYPES, metadata={"source": "donkey-agent run"})
-                recorder = TubRecorder(writer, capacity=self.config.recording.queue)
-                stack.callback(recorder.close)
-            autopilot = self.config.autopilot
+            parts = await self._build(stack)
+            if parts is None:
+                log.info("stopped (%s) while opening the hardware", self.reason)
+                return EXIT_OK
+            camera, actuators = parts
+            recorder = self._open_recorder(stack)
             make_pilot = None
-            if autopilot.model is not None:
-                model_path = autopilot.model
+            if config.autopilot.model is not None:
+                model_path, autopilot = config.autopilot.model, config.autopilot
 
                 def make_pilot() -> Autopilot:
                     return Autopilot(model_path, kind=autopilot.kind, num_threads=autopilot.num_threads)
 
-            if self.config.telemetry.url is not None:
-                self.telemetry = TelemetryService(self.config.telemetry, identity(self.config))
-            core = self.core = DriveCore(self.config.drive, DriveParts(camera, actuators, make_pilot, recorder))
-            if self.telemetry is not None:
-                self.telemetry.attach(core)
+            core = self.core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder),
+                                         restored=restored)
+            core.lanes.add(self.reload_lane)
+            if config.telemetry.url is not None:
+                self.fleet = FleetLink(config.telemetry, identity(config),
+                                       outbox_path=config.telemetry.outbox or state.directory / "outbox.db",
+                                       lane=core.lanes.add(CommandLane("mqtt", capacity=32,
+                                                                       rate_per_s=config.telemetry.command_rate_per_s,
+                                                                       burst=20)),
+                                       estop=core.stops.source("mqtt"))
             stack.callback(core.stop, STOP_TIMEOUT)
-            led = attach_gpio(self.config, core, stack)
+            led = attach_gpio(config, core, stack)
             notifier.status("starting: loading the model and warming up")
             core.start()
-            deadline = time.monotonic() + READY_TIMEOUT
-            while not await asyncio.to_thread(core.wait_ready, 1.0):
-                if core.stopped.is_set() or time.monotonic() > deadline:
-                    self.drain_events()
-                    if core.error is None:
-                        log.error("the drive core did not become ready within %.0f s", READY_TIMEOUT)
-                    return EXIT_DATAERR if isinstance(core.error, ModelError) else EXIT_FAILED
-                notifier.extend_timeout(5)
-            self.drain_events()
+            code = await self._warm_up(core)
+            if code is not None:
+                return code
+            keeper.running = True
+            self._persist()
             notifier.ready(short_status(core.status()))
             log.info("ready: %s", short_status(core.status()))
-
-            fleet_stop = asyncio.Event()  # the fleet link outlives the core, to report its stop
-            async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._watch_core(core), name="watch-core")
-                tasks.create_task(self._report(core, led), name="report")
-                interval = watchdog_interval()
-                if interval is not None:
-                    tasks.create_task(self._watchdog(core, interval), name="watchdog")
-                if self.duration is not None:
-                    tasks.create_task(self._stop_after(self.duration), name="duration")
-                if self.telemetry is not None:
-                    tasks.create_task(contained(self.telemetry.run(fleet_stop, core.status), "the fleet link"),
-                                      name="fleet-link")
-                if self.config.telemetry.prometheus:
-                    exporter = MetricsExporter(core, self._fleet_metrics)
-                    tasks.create_task(contained(serve(exporter, self.config.telemetry.prometheus, fleet_stop),
-                                                "the metrics endpoint"), name="metrics")
-                await self.stop.wait()
-                notifier.stopping(f"stopping ({self.reason})")
-                stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
-                self.drain_events()
-                if self.telemetry is not None:
-                    await self.telemetry.flush(2.0)
-                fleet_stop.set()
-
-            if self.stream.isatty():
-                self.stream.write("\n")
-            summary = core.status()
-            log.info("stopped (%s): %d cycles, %d deadline misses, %d frames missed, %d dropped; "
-                     "period error p99 %s ms", self.reason or "drive core ended", summary["cycles"],
-                     summary["deadline_misses"], summary["frames_missed"], summary["frames_dropped"],
-                     summary.get("period_error_ms", {}).get("p99"))
-            if recorder is not None:
-                log.info("recorded %d records to %s (%d dropped)", recorder.written + recorder.backlog,
-                         self.record, recorder.dropped)
+            stopped_cleanly = await self._drive(core, led)
+            self._final_summary(core)
             if core.error is not None or not stopped_cleanly:
-                return EXIT_FAILED
+                return EXIT_FAILED  # the run marker stays "running": the next start treats this as a crash
+            keeper.running = False
+            self._persist()
             return EXIT_OK
 
+    def _open_recorder(self, stack: ExitStack) -> TubRecorder | None:
+        if self.record is None:
+            return None
+        writer = TubWriter(self.record, RECORD_INPUTS, RECORD_TYPES, metadata={"source": "donkey-agent run"})
+        self.recorder = TubRecorder(writer, capacity=self.config.recording.queue)
+        stack.callback(self.recorder.close)
+        return self.recorder
+
+    async def _warm_up(self, core: DriveCore) -> int | None:
+        """Wait for the core to be ready, listening for stop; an exit code when it will not be."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not await asyncio.to_thread(core.wait_ready, 0.2):
+            self.drain_events()
+            if self.stop.is_set():
+                log.info("stopped (%s) during warm-up", self.reason)
+                await asyncio.to_thread(core.stop, STOP_TIMEOUT)
+                self.drain_events()
+                return EXIT_OK
+            if core.stopped.is_set() or time.monotonic() > deadline:
+                if core.error is None and not core.stopped.is_set():
+                    log.error("the drive core did not become ready within %.0f s", READY_TIMEOUT)
+                return EXIT_DATAERR if isinstance(core.error, ModelError) else EXIT_FAILED
+            self.notifier.extend_timeout(5)
+        self.drain_events()
+        return None
+
+    async def _drive(self, core: DriveCore, led: StatusLed | None) -> bool:
+        fleet_stop = asyncio.Event()  # the fleet link outlives the core, to report its stop
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._watch_core(core), name="watch-core")
+            tasks.create_task(self._report(core, led), name="report")
+            tasks.create_task(self._keep_state(), name="keep-state")
+            interval = watchdog_interval()
+            if interval is not None:
+                tasks.create_task(self._watchdog(core, interval), name="watchdog")
+            if self.duration is not None:
+                tasks.create_task(self._stop_after(self.duration), name="duration")
+            if self.fleet is not None:
+                tasks.create_task(contained(self.fleet.run(fleet_stop, self._telemetry_status), "the fleet link"),
+                                  name="fleet-link")
+            if self.config.telemetry.prometheus:
+                exporter = MetricsExporter(core, self._fleet_metrics)
+                tasks.create_task(contained(serve(exporter, self.config.telemetry.prometheus, fleet_stop),
+                                            "the metrics endpoint"), name="metrics")
+            await self.stop.wait()
+            self.notifier.stopping(f"stopping ({self.reason})")
+            stopped_cleanly = await asyncio.to_thread(core.stop, STOP_TIMEOUT)
+            self.drain_events()
+            self._persist()
+            if self.fleet is not None:
+                with contextlib.suppress(Exception):
+                    await self.fleet.flush(2.0)
+            fleet_stop.set()
+        return stopped_cleanly
+
+    def _final_summary(self, core: DriveCore) -> None:
+        if self.stream.isatty():
+            self.stream.write("\n")
+        summary = core.status()
+        log.info("stopped (%s): %d cycles, %d deadline misses, %d frames missed, %d dropped; "
+                 "period error p99 %s ms", self.reason or "drive core ended", summary["cycles"],
+                 summary["deadline_misses"], summary["frames_missed"], summary["frames_dropped"],
+                 summary.get("period_error_ms", {}).get("p99"))
+        if self.recorder is not None:
+            self.recorder.close()  # idempotent (the stack closes it again): the counts are final now
+            stats = self.recorder.stats()
+            level = logging.WARNING if stats.get("lost") else logging.INFO
+            log.log(level, "recorded %d records to %s (%d lost: %d dropped, %d rejected, %d failed to write)%s",
+                    stats.get("written", 0), self.record, stats.get("lost", 0), stats.get("dropped", 0),
+                    stats.get("rejected", 0), stats.get("failed", 0),
+                    f"; last error: {stats['last_error']}" if stats.get("last_error") else "")
+
+    def _telemetry_status(self) -> dict[str, Any]:
+        assert self.core is not None
+        status = self.core.status()
+        if self.recorder is not None:
+            status["recording_stats"] = self.recorder.stats()
+        return status
+
     def _fleet_metrics(self) -> dict[str, float]:
-        if self.telemetry is None:
-            return {}
-        return {"donkey_outbox_events": len(self.telemetry.outbox),
-                "donkey_outbox_dropped": self.telemetry.outbox.dropped,
-                "donkey_broker_connected": int(self.telemetry.connected.is_set())}
+        metrics: dict[str, float] = {}
+        if self.fleet is not None:
+            metrics.update(self.fleet.stats())
+        if self.recorder is not None:
+            stats = self.recorder.stats()
+            metrics.update({f"donkey_recording_{k}": float(v) for k, v in stats.items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)})
+        return metrics
 
     def drain_events(self) -> None:
-        if self.core is not None:
-            for event in self.core.events.drain():
+        core = self.core
+        if core is None:
+            return
+        for queue in (core.events, core.deadman.events):
+            for event in queue.drain():
                 log_event(event)
-                if self.telemetry is not None:
-                    self.telemetry.record(event)
-                    if event.kind == "command" and event.detail.get("source") == "mqtt":
-                        self.telemetry.command_result(event)
+                if self.fleet is not None:
+                    self.fleet.record(event)
+
+    def _persist(self) -> None:
+        """Write what must survive a restart: the latched faults, and presses the core has not latched yet."""
+        core, keeper = self.core, self.keeper
+        if core is None or keeper is None:
+            return
+        snapshot = core.snapshot
+        latched = {name: snapshot.faults.get(name, "") for name in snapshot.latched}
+        for source in core.stops.sources:
+            if source.presses > source.seen and source.last is not None and "estop" not in latched:
+                latched["estop"] = f"e-stop from {source.name}: {source.last.reason}"
+        keeper.update(latched, snapshot.moving, time.monotonic())
+
+    async def _keep_state(self) -> None:
+        while not self.stop.is_set():
+            self._persist()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), PERSIST_INTERVAL)
 
     async def _stop_after(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -312,27 +375,38 @@ class Supervisor:
             self.notifier.watchdog()
 
     def reload(self) -> None:
-        """SIGHUP: apply what can change live; name what needs a restart; keep going on a bad file."""
+        """SIGHUP: apply what can change live; name what needs a restart; keep going on a bad file.
+
+        The file is read with the command-line overrides applied again, so a reload never undoes
+        one (``--max-throttle 0.1`` stays 0.1), and only keys whose values really changed are named.
+        """
         if self.config_path is None:
             log.warning("SIGHUP: no config file to reload (started without one)")
             return
         try:
             new = load(self.config_path)
+            if self.overrides:
+                new = new.with_overrides(self.overrides)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the running config, the file is invalid:\n%s", exc)
             return
         changed = changed_keys(self.config, new)
         live = [k for k in changed if k in LIVE_KEYS]
         if "drive.max_throttle" in live and self.core is not None:
-            self.core.commands.push(Command("set_max_throttle", new.drive.max_throttle, source="reload"))
+            refusal = self.reload_lane.submit(SetMaxThrottle(value=new.drive.max_throttle))
+            if refusal:
+                log.error("SIGHUP: drive.max_throttle not applied: %s", refusal)
         if "logging.level" in live:
             apply_log_level(new.logging.level)
         restart = [k for k in changed if k not in LIVE_KEYS]
         log.info("SIGHUP: reloaded %s; applied live: %s; needs a restart: %s", self.config_path,
                  ", ".join(live) or "nothing", ", ".join(restart) or "nothing")
+        self.config = self.config.model_copy(update={"drive": self.config.drive.model_copy(
+            update={"max_throttle": new.drive.max_throttle}), "logging": new.logging}) if live else self.config
 
 
-def run(config: AgentConfig, *, config_path: Path | None = None, duration: float | None = None,
-        record: Path | None = None, stream: TextIO = sys.stderr) -> int:
-    supervisor = Supervisor(config, config_path=config_path, duration=duration, record=record, stream=stream)
-    return asyncio.run(supervisor.run())
+def run(config: AgentConfig, *, config_path: Path | None = None, overrides: dict[str, Any] | None = None,
+        duration: float | None = None, record: Path | None = None, stream: TextIO = sys.stderr) -> int:
+    daemon = Daemon(config, config_path=config_path, overrides=overrides, duration=duration, record=record,
+                    stream=stream)
+    return asyncio.run(daemon.run())

@@ -12,6 +12,14 @@ import pytest
 DONKEYCAR_REQUIRED = sys.version_info[:2] == (3, 11)
 
 
+@pytest.fixture(autouse=True)
+def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Every test's agents keep their safety state (latched faults, run marker, outbox) apart from
+    every other test's and from the user's: a latched e-stop must not leak into the next test."""
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
+
+
 def require_donkeycar(module: str):
     """Import a donkeycar module: required on Python 3.11, a reasoned skip where it cannot install."""
     import importlib

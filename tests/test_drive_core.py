@@ -11,7 +11,7 @@ import pytest
 from agent.config import DriveConfig, RealtimeConfig
 from agent.core import drive
 from agent.core.drive import DriveCore, DriveParts
-from agent.core.handoff import Command
+from agent.core.commands import ClearFault, SetMode
 from agent.core.metrics import INDEX
 from agent.pilot import Autopilot
 from tests.fakes.parts import TwinRig, wait_for
@@ -51,7 +51,7 @@ def test_drives_the_twin_with_the_shipped_model(rig: TwinRig) -> None:
     try:
         assert rig.writes[0][1:] == (0.0, 0.0)  # armed at neutral before anything else
         time.sleep(3.0)
-        assert core.supervisor.ok, core.supervisor.active
+        assert core.ok, core.status()["faults"]
         assert rig.car.stats.off_track_events == 0
         assert rig.car.stats.distance > 2.0  # it is moving, and steering along the road
         status = core.status()
@@ -91,7 +91,7 @@ def test_stale_frames_put_the_car_in_neutral_within_a_period(rig: TwinRig) -> No
         assert neutral - (last_frame + 0.150) <= PERIOD + 0.02  # within one period of going stale
         assert all(t == 0.0 for _, _, t in rig.writes_after(neutral))
         rig.pause_frames.clear()  # transient: recovers by itself
-        assert wait_for(lambda: core.supervisor.ok, timeout=3)
+        assert wait_for(lambda: core.ok, timeout=3)
         recovered = time.monotonic()
         assert wait_for(lambda: moving(rig, recovered), timeout=3)
     finally:
@@ -111,7 +111,7 @@ def test_nan_from_the_model_means_neutral(rig: TwinRig) -> None:
         first_neutral = rig.first_neutral_after(corrupted)
         assert first_neutral is not None and first_neutral - corrupted <= 2 * PERIOD + 0.02
         rig.corrupt_pixel = False
-        assert wait_for(lambda: core.supervisor.ok, timeout=3)
+        assert wait_for(lambda: core.ok, timeout=3)
     finally:
         core.stop()
     faults = [d for k, d in event_kinds(core) if k == "fault"]
@@ -137,7 +137,7 @@ def test_actuator_error_retries_once_then_latches_neutral(rig: TwinRig) -> None:
         assert wait_for(lambda: moving(rig, 0.0))
         rig.fail_writes = 1  # one error: the retry succeeds, no fault
         time.sleep(0.3)
-        assert core.supervisor.ok
+        assert core.ok
         rig.fail_writes = 2  # two in a row: neutral and a latched fault
         injected = time.monotonic()
         assert wait_for(lambda: "actuator_failure" in core.status()["faults"], timeout=2)
@@ -145,8 +145,8 @@ def test_actuator_error_retries_once_then_latches_neutral(rig: TwinRig) -> None:
         time.sleep(0.5)
         assert "actuator_failure" in core.status()["faults"]  # latched: still there
         assert not moving(rig, time.monotonic() - 0.3)
-        core.commands.push(Command("clear_fault", "actuator_failure", id="c1"))
-        assert wait_for(lambda: core.supervisor.ok, timeout=2)
+        assert core.submit(ClearFault(fault="actuator_failure", id="c1")) == ""
+        assert wait_for(lambda: core.ok, timeout=2)
         recovered = time.monotonic()
         assert wait_for(lambda: moving(rig, recovered), timeout=3)
     finally:
@@ -161,15 +161,16 @@ def test_estop_command_stops_at_the_next_cycle_and_latches(rig: TwinRig) -> None
     try:
         assert wait_for(lambda: moving(rig, 0.0))
         cycles = core.metrics.cycles
-        core.commands.push(Command("estop", source="mqtt"))
+        core.stops.source("mqtt").press("test")
         assert wait_for(lambda: core.metrics.cycles > cycles + 1)
         index = core.metrics.cycles  # every cycle after the one that applied it is neutral
         assert wait_for(lambda: core.metrics.cycles > index + 5)
         rows = core.metrics.recent(5)
         assert (rows[:, INDEX["steering"]] == 0).all() and (rows[:, INDEX["throttle"]] == 0).all()
         assert "estop" in core.status()["faults"]
-        core.commands.push(Command("clear_fault"))
-        assert wait_for(lambda: core.supervisor.ok)
+        time.sleep(1.0)  # an e-stop holds for estop_hold_ms before a clear counts
+        core.submit(ClearFault())
+        assert wait_for(lambda: core.ok)
     finally:
         core.stop()
     faults = [d for k, d in event_kinds(core) if k == "fault"]
@@ -179,14 +180,16 @@ def test_estop_command_stops_at_the_next_cycle_and_latches(rig: TwinRig) -> None
 def test_estop_button_cannot_be_cleared_while_held(rig: TwinRig) -> None:
     core = make_core(rig)
     try:
-        core.commands.push(Command("estop", True, source="button"))
+        button = core.stops.source("button")
+        button.hold(True, "pressed")
         assert wait_for(lambda: "estop" in core.status()["faults"])
-        core.commands.push(Command("clear_fault", "estop", id="x"))
+        time.sleep(1.1)  # past the minimum hold: only the button keeps it now
+        core.submit(ClearFault(fault="estop", id="x"))
         assert wait_for(lambda: any(k == "command" and d["id"] == "x" and not d["ok"] for k, d in event_kinds(core)))
         assert "estop" in core.status()["faults"]
-        core.commands.push(Command("estop", False, source="button"))  # released: still latched
-        core.commands.push(Command("clear_fault", "estop"))
-        assert wait_for(lambda: core.supervisor.ok)
+        button.hold(False)  # released: still latched
+        core.submit(ClearFault(fault="estop"))
+        assert wait_for(lambda: core.ok)
     finally:
         core.stop()
 
@@ -195,11 +198,10 @@ def test_manual_heartbeat_loss_in_user_mode(rig: TwinRig) -> None:
     core = make_core(rig, model=None, mode="user", heartbeat_timeout_ms=300, throttle_ramp_per_s=10)
     try:
         for _ in range(20):  # an operator holding throttle
-            command = Command("user", (0.1, 0.3))
-            core.commands.push(command)
+            core.manual.set(0.1, 0.3)
             time.sleep(0.05)
-        assert core.supervisor.ok and moving(rig, time.monotonic() - 0.3)
-        last = command.monotonic  # then the operator's link dies
+        assert core.ok and moving(rig, time.monotonic() - 0.3)
+        last = core.manual.latest[2]  # then the operator's link dies
         assert wait_for(lambda: "heartbeat_lost" in core.status()["faults"], timeout=2)
         time.sleep(0.1)
         neutral = rig.first_neutral_after(last)
@@ -213,7 +215,7 @@ def test_modes_multiplier_max_throttle_and_ramp(rig: TwinRig) -> None:
     try:
         start = time.monotonic()
         while time.monotonic() - start < 0.6:
-            core.commands.push(Command("user", (-2.0, 0.9)))
+            core.manual.set(-2.0, 0.9)
             time.sleep(0.02)
         throttles = [t for _, _, t in rig.writes_after(start)]
         steering = [s for _, s, _ in rig.writes_after(start)]
@@ -221,9 +223,9 @@ def test_modes_multiplier_max_throttle_and_ramp(rig: TwinRig) -> None:
         assert 0.1 < throttles[-1] < 0.4  # ramping at 0.5/s for ~0.6 s: on its way, not there
         increments = [b - a for a, b in itertools.pairwise(throttles)]
         assert max(increments) <= 0.5 * 0.1  # never a jump
-        core.commands.push(Command("set_mode", "local", id="m"))
+        core.submit(SetMode(mode="local", id="m"))
         assert wait_for(lambda: any(k == "command" and d["id"] == "m" for k, d in event_kinds(core)))
-        assert core.mode == "user"  # refused: no model
+        assert core.status()["mode"] == "user"  # refused: no model
     finally:
         core.stop()
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.core.handoff import CommandQueue
+from agent.core.stops import StopBoard
 from agent.hw.gpio import EStopButton, StatusLed
 
 gpiozero = pytest.importorskip("gpiozero", reason="gpiozero is in the test extra")
@@ -20,17 +20,29 @@ def factory():
     factory.reset()
 
 
-def test_button_press_and_release_become_estop_commands(factory) -> None:
-    commands = CommandQueue()
-    button = EStopButton("GPIO17", commands, pin_factory=factory, bounce_time=None)
-    pin = factory.pin(17)
-    pin.drive_low()  # pressed (to ground, pulled up)
-    pin.drive_high()
+def _wait(predicate) -> None:
     deadline = time.monotonic() + 2
-    while len(commands) < 2 and time.monotonic() < deadline:
+    while not predicate() and time.monotonic() < deadline:
         time.sleep(0.01)
-    items = commands.drain()
-    assert [(c.name, c.value, c.source) for c in items] == [("estop", True, "button"), ("estop", False, "button")]
+
+
+def test_button_level_is_state_on_the_stop_board(factory) -> None:
+    board = StopBoard()
+    button = EStopButton("GPIO17", board.source("button"), pin_factory=factory, bounce_time=None)
+    pin = factory.pin(17)
+    pin.drive_low()  # pressed (to ground, pulled up): a press and a held level
+    _wait(lambda: board.held_by() == "button")
+    assert board.held_by() == "button"
+    requests = board.new_requests()
+    assert [(r.source, r.reason) for r in requests] == [("button", "button GPIO17 pressed")]
+    pin.drive_high()  # released: the level falls; nothing new to latch
+    _wait(lambda: board.held_by() == "")
+    assert board.held_by() == "" and board.new_requests() == []
+    for _ in range(300):  # pressing again and again cannot overflow anything: one latch per new press
+        pin.drive_low()
+        pin.drive_high()
+    _wait(lambda: board.source("button").presses == 301)
+    assert len(board.new_requests()) == 1
     button.close()
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentConfig, load
-from agent.run import Supervisor
+from agent.run import Daemon
 from tests.fakes.parts import TwinRig, wait_for
 
 ROOT = Path(__file__).parent.parent
@@ -83,7 +83,7 @@ model = "{ROOT / 'models' / 'pilot.tflite'}"
     return load(path), path
 
 
-def run_supervisor(supervisor: Supervisor, script) -> int:
+def run_supervisor(supervisor: Daemon, script) -> int:
     """Run the supervisor in this (main) thread; ``script`` drives the test from another thread."""
     failures: list[BaseException] = []
 
@@ -113,7 +113,7 @@ def wait_until(predicate, timeout: float = 20.0) -> None:
 def test_ready_after_warm_up_then_status_watchdog_and_stopping(tmp_path: Path, systemd: FakeSystemd) -> None:
     config, path = config_for_tests(tmp_path)
     rig = TwinRig()
-    supervisor = Supervisor(config, config_path=path, build=lambda config, stack: (rig, rig))
+    supervisor = Daemon(config, config_path=path, build=lambda config, stack: (rig, rig))
     seen: dict[str, object] = {}
 
     def script() -> None:
@@ -145,7 +145,7 @@ def test_ready_after_warm_up_then_status_watchdog_and_stopping(tmp_path: Path, s
 def test_no_watchdog_while_the_drive_core_is_stalled(tmp_path: Path, systemd: FakeSystemd) -> None:
     config, path = config_for_tests(tmp_path)
     rig = TwinRig()
-    supervisor = Supervisor(config, config_path=path, build=lambda config, stack: (rig, rig))
+    supervisor = Daemon(config, config_path=path, build=lambda config, stack: (rig, rig))
     marks: dict[str, float] = {}
 
     def script() -> None:
@@ -169,7 +169,7 @@ def test_sighup_applies_live_changes_and_names_the_rest(tmp_path: Path, systemd:
                                                        caplog: pytest.LogCaptureFixture) -> None:
     config, path = config_for_tests(tmp_path)
     rig = TwinRig()
-    supervisor = Supervisor(config, config_path=path, build=lambda config, stack: (rig, rig))
+    supervisor = Daemon(config, config_path=path, build=lambda config, stack: (rig, rig))
     seen: dict[str, int] = {}
 
     def script() -> None:
@@ -177,7 +177,7 @@ def test_sighup_applies_live_changes_and_names_the_rest(tmp_path: Path, systemd:
         path.write_text(path.read_text().replace("max_throttle = 0.4", "max_throttle = 0.2\nrate_hz = 30")
                         + "[logging]\nlevel = 'warning'\n")
         os.kill(os.getpid(), signal.SIGHUP)
-        wait_until(lambda: supervisor.core is not None and supervisor.core.max_throttle == 0.2, timeout=5)
+        wait_until(lambda: supervisor.core is not None and supervisor.core.status()["max_throttle"] == 0.2, timeout=5)
         seen["level"] = logging.getLogger().level
         logging.getLogger().setLevel(logging.INFO)  # so the test can read what the next reload says
         path.write_text("[drive\n")  # a broken file on the next reload changes nothing

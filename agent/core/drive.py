@@ -1,13 +1,20 @@
 """The drive core: camera -> autopilot -> safety -> actuators on one dedicated thread.
 
-Each cycle: take a frame that no earlier cycle used (or none), apply queued commands, run
-the model on the new frame, let the supervisor judge frame age, inference health, the
-operator heartbeat and the actuators, then actuate: the command, or neutral while any
-fault is active. Timings go into a preallocated ring (``LoopMetrics``), state changes into
-a bounded event queue; nothing in the loop logs, awaits or waits on the network.
+Each cycle is three steps, as in openpilot's controlsd:
 
-Pacing: ``camera`` runs a cycle as each frame arrives (waking early enough to catch a frame
-that goes stale); ``timer`` runs on absolute deadlines and takes the newest unused frame.
+1. **read inputs**: wait for the cycle (never spinning), take the frame no earlier cycle used,
+   the e-stop requests on the ``StopBoard``, the commands waiting in each lane, and run the
+   model on the new frame;
+2. **decide** (``Decider``, agent/core/decide.py): pure rules, inputs and time in, the actuator
+   command out: the car's own command, or neutral while any fault is active;
+3. **publish**: write the actuators, a row of the preallocated metrics ring, an immutable
+   ``DriveStatus`` snapshot for every other thread, and the record for the tub.
+
+Nothing in the loop logs, awaits, or waits on the network or a disk. Pacing: ``camera`` runs a
+cycle per frame (waking early enough to catch a frame that goes stale, and once a period while
+stale); ``timer`` runs on absolute deadlines and takes the newest unused frame. Either way a
+cycle starts at most once per period while frames are missing, and never twice within half a
+period, so a dead or hostile camera cannot make the thread spin.
 """
 
 from __future__ import annotations
@@ -15,29 +22,37 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from agent.config import DriveConfig
-from agent.core.control import MODES, NEEDS_OPERATOR, NEEDS_PILOT, ThrottleRamp, select
-from agent.core.handoff import Command, CommandQueue, Event, EventQueue
+from agent.core.commands import Command, CommandLane, CommandLanes
+from agent.core.control import NEEDS_PILOT
+from agent.core.deadman import Deadman
+from agent.core.decide import CycleInputs, Decider, Inference
+from agent.core.faults import Fault
+from agent.core.handoff import Event, EventQueue, ManualControl
 from agent.core.metrics import INDEX, LoopMetrics
 from agent.core.ratekeeper import RateKeeper
 from agent.core.realtime import GcControl, RealtimeReport, configure_realtime
-from agent.core.safety import LATCHED, Fault, Supervisor
-from agent.hw.interfaces import ActuatorError, Actuators, Camera, Frame
+from agent.core.safety import FaultMonitor
+from agent.core.stops import StopBoard
+from agent.errors import AgentError
+from agent.hw.interfaces import Actuators, Camera, Frame
 from agent.pilot import Autopilot
 from agent.tub import TubRecorder
 
 FIRST_FRAME_TIMEOUT = 15.0  # s: camera start-up (a simulator may still be loading)
+MIN_SPACING = 0.5  # of a period: two cycles never start closer than this
 RECORD_INPUTS = ("cam/image_array", "user/angle", "user/throttle", "user/mode", "pilot/angle", "pilot/throttle")
 RECORD_TYPES = ("image_array", "float", "float", "str", "float", "float")
 
 
 def sleep_until(target: float, clock: Callable[[], float]) -> None:
     """Sleep to about a millisecond before ``target``, then spin: the thread holds the CPU (and
-    usually the GIL) at the moment it must act, instead of waking up late behind other threads."""
+    usually the GIL) at the moment it must act, instead of waking up late behind other threads.
+    Used only for the output time of a command (at most 1 ms a cycle), never while faulted."""
     remaining = target - clock()
     if remaining > 0.0015:
         time.sleep(remaining - 0.001)
@@ -45,7 +60,14 @@ def sleep_until(target: float, clock: Callable[[], float]) -> None:
         pass
 
 
-class DriveStartError(RuntimeError):
+def sleep_coarse(target: float, clock: Callable[[], float]) -> None:
+    """Sleep until about ``target`` without spinning (waiting for a period, not acting on time)."""
+    remaining = target - clock()
+    if remaining > 0:
+        time.sleep(remaining)
+
+
+class DriveStartError(AgentError, RuntimeError):
     """The core could not start: no first frame, a model that does not load, actuators that fail."""
 
 
@@ -57,6 +79,23 @@ class DriveParts:
     recorder: TubRecorder | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DriveStatus:
+    """What the drive thread published at the end of its latest cycle. Other threads read this
+    (one reference read) and never the core's live state; nothing in it is mutated afterwards."""
+
+    mode: str
+    faults: Mapping[str, str]  # active fault -> why
+    latched: tuple[str, ...]
+    max_throttle: float
+    recording: bool
+    steering: float
+    throttle: float
+    moving: bool  # no fault, and a non-zero throttle was written
+    estop_held_by: str  # a source still holding its e-stop level, or ""
+    published: float  # monotonic
+
+
 class DriveCore:
     def __init__(
         self,
@@ -64,33 +103,39 @@ class DriveCore:
         parts: DriveParts,
         *,
         events: EventQueue | None = None,
-        commands: CommandQueue | None = None,
+        stops: StopBoard | None = None,
+        restored: Mapping[Fault, str] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.parts = parts
-        self.events = events or EventQueue()
-        self.commands = commands or CommandQueue()
-        self.metrics = LoopMetrics()
-        self.supervisor = Supervisor(self.events, clear_hold=config.fault_clear_hold_ms / 1000.0)
         self.clock = clock
-        self.mode = config.mode
-        self.max_throttle = config.max_throttle
+        self.events = events or EventQueue()
+        self.stops = stops or StopBoard(clock)
+        self.lanes = CommandLanes()
+        self.local_commands = self.lanes.add(CommandLane("local", capacity=64))
+        self.manual = ManualControl()
+        self.metrics = LoopMetrics()
+        self.faults = FaultMonitor(self.events, clear_hold=config.fault_clear_hold_ms / 1000.0,
+                                   estop_hold=config.estop_hold_ms / 1000.0)
+        self.decider = Decider(config, self.faults, self.events, can_record=parts.recorder is not None)
+        self.restored = dict(restored or {})
+        self.period = 1.0 / config.rate_hz
+        self.deadman_limit = config.deadman_periods * self.period
+        self.deadman = Deadman(self, parts.actuators, period=self.period, priority=config.realtime.priority,
+                               clock=clock)
         self.pilot: Autopilot | None = None
         self.keeper: RateKeeper | None = None  # timer pacing: its lag and skipped periods go into status()
         self.realtime: RealtimeReport | None = None
         self.heartbeat = 0.0  # clock() at the end of the last cycle: the watchdog's view of liveness
-        self.last_output = (0.0, 0.0)  # what the actuators were last told
+        self.alive_until = math.inf  # the drive thread's promise to the dead-man monitor
         self.last_write_ok = 0.0  # clock() of the last write the actuators accepted
         self.error: BaseException | None = None
         self.ready = threading.Event()
         self.stopped = threading.Event()
         self._stop = threading.Event()
-        self._user = (0.0, 0.0)
-        self._user_time = -math.inf
-        self._pilot_out = (0.0, 0.0)
-        self.recording = parts.recorder is not None  # a `record` command turns it off and on
-        self._ramp = ThrottleRamp(config.throttle_ramp_per_s)
+        self._faults_version = -1
+        self.snapshot = self._make_snapshot(0.0, 0.0, 0.0)
         self._gc = GcControl(config.realtime.freeze_gc)
         self._thread = threading.Thread(target=self._run, name="drive-core", daemon=True)
 
@@ -117,15 +162,19 @@ class DriveCore:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def submit(self, command: Command) -> str:
+        """Hand a command to the core from the local lane; "" on success, else why it was refused."""
+        return self.local_commands.submit(command)
+
     def health(self, now: float) -> str:
         """Why the core is not healthy, or "" when it is: alive, cycling, and its outputs accepted.
 
-        ``now`` is on the core's clock. A core waiting for frames still cycles (at least once
-        per max frame age), so a silent heartbeat means a hung thread, not a missing camera.
+        ``now`` is on the core's clock. The core cycles at least once a period even without
+        frames, so a silent heartbeat means a hung thread, not a missing camera.
         """
         if not self.alive or not self.ready.is_set():
             return "the drive core is not running"
-        limit = 2 * max(1.0 / self.config.rate_hz, self.config.max_frame_age_ms / 1000.0) + 0.2
+        limit = 2 * max(self.period, self.config.max_frame_age_ms / 1000.0) + 0.2
         if now - self.heartbeat > limit:
             return f"the drive core has not completed a cycle for {now - self.heartbeat:.1f} s"
         if now - self.last_write_ok > limit:
@@ -133,23 +182,34 @@ class DriveCore:
         return ""
 
     @property
+    def ok(self) -> bool:
+        """No fault is active (from the published snapshot)."""
+        return not self.snapshot.faults
+
+    @property
     def latched(self) -> bool:
-        """A fault that needs an explicit clear is active."""
-        return any(fault in LATCHED for fault in self.supervisor.active)
+        """A fault that needs an explicit clear is active (from the published snapshot)."""
+        return bool(self.snapshot.latched)
 
     def status(self) -> dict[str, Any]:
         """A snapshot for STATUS=, the terminal line and telemetry (reader side; copies)."""
-        summary = self.metrics.summary(200)
+        snapshot = self.snapshot
+        keeper = self.keeper
         return {
-            "mode": self.mode,
-            "faults": sorted(f.value for f in self.supervisor.active),
-            "max_throttle": self.max_throttle,
-            "recording": self.recording,
-            "lagging": bool(self.keeper and self.config.pacing == "timer" and self.keeper.lagging),
-            "missed_periods": self.keeper.missed_periods if self.keeper else 0,
-            "steering": self.last_output[0],
-            "throttle": self.last_output[1],
-            **summary,
+            "mode": snapshot.mode,
+            "faults": sorted(snapshot.faults),
+            "latched": list(snapshot.latched),
+            "max_throttle": snapshot.max_throttle,
+            "recording": snapshot.recording,
+            "estop_held_by": snapshot.estop_held_by,
+            "lagging": bool(keeper and self.config.pacing == "timer" and keeper.lagging),
+            "missed_periods": keeper.missed_periods if keeper else 0,
+            "steering": snapshot.steering,
+            "throttle": snapshot.throttle,
+            "events_dropped": self.events.dropped,
+            "deadman_trips": self.deadman.trips,
+            "commands": self.lanes.stats(),
+            **self.metrics.summary(200),
         }
 
     # -- the thread ----------------------------------------------------------------------------
@@ -159,24 +219,31 @@ class DriveCore:
             self.realtime = configure_realtime(self.config.realtime)
             self.events.push(Event("realtime", self.realtime.as_dict()))
             if self.parts.make_pilot is not None:
-                self.pilot = self.parts.make_pilot()
-            if self.mode in NEEDS_PILOT and self.pilot is None:
-                raise DriveStartError(f"mode {self.mode!r} needs an autopilot model (autopilot.model)")
+                self.pilot = self.decider.pilot = self.parts.make_pilot()
+            if self.decider.mode in NEEDS_PILOT and self.pilot is None:
+                raise DriveStartError(f"mode {self.decider.mode!r} needs an autopilot model (autopilot.model)")
+            now = self.clock()
+            for fault, detail in self.restored.items():
+                self.faults.restore(fault, detail, now)
             actuators.arm()
             self.last_write_ok = self.clock()
-            first = self.parts.camera.read(-1, FIRST_FRAME_TIMEOUT)
+            first = self._first_frame()
             if first is None:
-                raise DriveStartError(f"no camera frame within {FIRST_FRAME_TIMEOUT:.0f} s")
+                return  # asked to stop while waiting
             if self.pilot is not None:
                 self.pilot.run(first.image, imu=first.imu)  # warm-up inference, not actuated
                 self.pilot.reset()
             self._gc.freeze()
             self.heartbeat = self.clock()
-            self.events.push(Event("started", {"mode": self.mode, "pacing": self.config.pacing,
+            self._publish_snapshot(0.0, 0.0, self.heartbeat)
+            self.events.push(Event("started", {"mode": self.decider.mode, "pacing": self.config.pacing,
                                                "rate_hz": self.config.rate_hz,
                                                "model": str(self.pilot.path) if self.pilot else None,
-                                               "kind": self.pilot.kind if self.pilot else None}))
+                                               "kind": self.pilot.kind if self.pilot else None,
+                                               "faults": sorted(self.snapshot.faults)}))
+            self.alive_until = self.heartbeat + self.deadman_limit
             self.ready.set()
+            self.deadman.start()
             self._loop(first)
         except BaseException as exc:  # report every way out; the finally puts the car in neutral
             self.error = exc
@@ -184,49 +251,82 @@ class DriveCore:
         else:
             self.events.push(Event("stopped", {"error": None, "cycles": self.metrics.cycles}))
         finally:
+            self.deadman.stop()
             self._gc.release()
             try:
                 actuators.neutral()
-                self.last_output = (0.0, 0.0)
-            except ActuatorError as exc:
+            except Exception as exc:  # the finally must finish: report and go on
                 self.events.push(Event("fault", {"fault": Fault.ACTUATOR_FAILURE.value,
                                                  "detail": f"neutral at stop failed: {exc}", "latched": True}))
+            self.snapshot = self._make_snapshot(0.0, 0.0, self.clock())
             self.stopped.set()
 
+    def _first_frame(self) -> Frame | None:
+        """Wait for the camera's first frame, listening for stop; None when asked to stop."""
+        deadline = self.clock() + FIRST_FRAME_TIMEOUT
+        while not self._stop.is_set():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                raise DriveStartError(f"no camera frame within {FIRST_FRAME_TIMEOUT:.0f} s")
+            started = self.clock()
+            frame, _ = self._read(-1, min(0.1, remaining))
+            if frame is not None:
+                return frame
+            sleep_coarse(started + min(0.1, remaining), self.clock)  # a camera that returns at once
+        return None
+
+    def _read(self, after_seq: int, timeout: float) -> tuple[Frame | None, str]:
+        """The camera's next frame; an exception becomes a reason (a camera_error fault), never a crash."""
+        try:
+            return self.parts.camera.read(after_seq, max(0.0, timeout)), ""
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}"[:200]
+
+    def _wait_for_cycle(self, last_seq: int, frame_time: float, last_cycle: float) -> tuple[Frame | None, str, float]:
+        """Block until this cycle may start; returns the frame (or None), a camera error and the tick."""
+        clock, period = self.clock, self.period
+        if self.config.pacing == "timer":
+            keeper = self.keeper
+            assert keeper is not None
+            self.alive_until = keeper.next_deadline + self.deadman_limit
+            keeper.wait()
+            frame, error = self._read(last_seq, 0.0)
+            return frame, error, keeper.next_deadline - period
+        start = clock()
+        # Wake on the next frame, or the moment the newest one turns stale (then go neutral at
+        # once), and while stale once a period.
+        stale_at = frame_time + self.config.max_frame_age_ms / 1000.0
+        wake_by = stale_at + 0.001 if stale_at > start else max(start, last_cycle + period)
+        self.alive_until = wake_by + self.deadman_limit
+        frame, error = self._read(last_seq, wake_by - start)
+        now = clock()
+        if frame is None or frame.seq <= last_seq:
+            if now < wake_by:  # the camera gave up early (closed, failing): wait out the period
+                sleep_coarse(wake_by, clock)
+        elif now < last_cycle + MIN_SPACING * period:
+            sleep_coarse(last_cycle + MIN_SPACING * period, clock)
+        return frame, error, 0.0
+
     def _loop(self, first: Frame) -> None:
-        config, camera, clock = self.config, self.parts.camera, self.clock
-        period = 1.0 / config.rate_hz
-        max_age = config.max_frame_age_ms / 1000.0
-        budget = config.inference_budget_ms / 1000.0
-        heartbeat_timeout = config.heartbeat_timeout_ms / 1000.0
+        config, clock, decider, metrics = self.config, self.clock, self.decider, self.metrics
+        period = self.period
         timer_paced = config.pacing == "timer"
         output_delay = config.output_delay_ms / 1000.0
-        tick = 0.0
-        keeper = self.keeper = RateKeeper(config.rate_hz, clock=clock)
-        metrics, supervisor, pilot = self.metrics, self.supervisor, self.pilot
+        self.keeper = RateKeeper(config.rate_hz, clock=clock)
         last_seq, frame_time = first.seq, first.timestamp
-        previous_actuation = clock()
-        self._ramp.reset(previous_actuation)
-        overruns = 0
+        previous_actuation = last_cycle = clock()
+        decider.restart_ramp(previous_actuation)
 
         while not self._stop.is_set():
+            # 1. read inputs
             start = clock()
-            if timer_paced:
-                keeper.wait()
-                tick = keeper.next_deadline - period
-                frame = camera.read(last_seq, 0.0)
-            else:
-                # Wake on the next frame, or the moment the newest one turns stale (then go
-                # neutral at once), and while stale once a period to keep re-checking.
-                until_stale = frame_time + max_age - start
-                timeout = until_stale + 0.001 if until_stale > 0 else period
-                frame = camera.read(last_seq, timeout)
-            now = clock()
+            frame, camera_error, tick = self._wait_for_cycle(last_seq, frame_time, last_cycle)
+            now = last_cycle = clock()
             row = metrics.row()
             row[INDEX["start"]] = now
             row[INDEX["wait_ms"]] = (now - start) * 1e3
+            decider.accept_stops(self.stops.new_requests(), now, stall=self.deadman.acknowledge())
             self._apply_commands(now)
-
             new_frame = frame is not None and frame.seq > last_seq
             if frame is not None and new_frame:
                 if frame.seq > last_seq + 1:
@@ -234,54 +334,25 @@ class DriveCore:
                 last_seq, frame_time = frame.seq, frame.timestamp
             else:
                 metrics.frames_missed += 1
-            age = now - frame_time
-            supervisor.observe(Fault.STALE_FRAME, age > max_age, now, "newest camera frame too old")
+            inference = self._infer(frame) if frame is not None and new_frame and decider.wants_pilot else None
 
-            preprocess = invoke = 0.0
-            if frame is not None and new_frame and pilot is not None and self.mode in NEEDS_PILOT:
-                t0 = clock()
-                failure = ""
-                try:
-                    pilot.prepare(frame.image, imu=frame.imu)
-                    t1 = clock()
-                    pilot.invoke()
-                    t2 = clock()
-                    output = pilot.result()
-                    self._pilot_out = (output.angle, output.throttle)
-                except Exception as exc:  # any model failure means neutral, never a crash
-                    t1 = t2 = clock()
-                    failure = f"{type(exc).__name__}: {exc}"
-                preprocess, invoke = (t1 - t0), (t2 - t1)
-                overruns = overruns + 1 if invoke > budget else 0
-                overrun = overruns >= config.overrun_limit
-                supervisor.observe(Fault.INFERENCE_ERROR, bool(failure), now, failure)
-                supervisor.observe(Fault.INFERENCE_OVERRUN, overrun, now,
-                                   f"{overruns} inferences over {config.inference_budget_ms:.0f} ms" if overrun else "")
-            elif self.mode not in NEEDS_PILOT:
-                supervisor.observe(Fault.INFERENCE_ERROR, False, now)
-                supervisor.observe(Fault.INFERENCE_OVERRUN, False, now)
-            supervisor.observe(Fault.HEARTBEAT_LOST,
-                               self.mode in NEEDS_OPERATOR and now - self._user_time > heartbeat_timeout, now,
-                               "no manual control received")
+            # 2. decide
+            decision = decider.decide(CycleInputs(now, now - frame_time, camera_error, inference,
+                                                  self.manual.latest))
 
-            if supervisor.ok:
-                steering, target = select(self.mode, *self._pilot_out, *self._user, max_throttle=self.max_throttle,
-                                          throttle_multiplier=config.throttle_multiplier)
-                throttle = self._ramp.apply(target, now)
-            else:
-                steering, throttle = 0.0, 0.0
-                self._ramp.reset(now)
+            # 3. publish
             computed = clock()
-            if output_delay > 0 and supervisor.ok:
+            if output_delay > 0 and decision.ok:
                 # Fixed output time: the tick, or the frame's capture, plus the delay. (Neutral for a
                 # fault goes out at once.)
                 anchor = tick if timer_paced else (frame.timestamp if frame is not None and new_frame else now)
                 sleep_until(anchor + output_delay, clock)
-            actuation = clock()  # the command goes to the hardware now
-            self._actuate(steering, throttle, now)
+            actuation = clock()
+            steering, throttle = self._actuate(decision.steering, decision.throttle, now)
             done = clock()
 
-            row[INDEX["preprocess_ms"]] = preprocess * 1e3
+            invoke = inference.invoke_s if inference is not None else 0.0
+            row[INDEX["preprocess_ms"]] = inference.prepare_s * 1e3 if inference is not None else 0.0
             row[INDEX["invoke_ms"]] = invoke * 1e3
             row[INDEX["wait_ms"]] += (actuation - computed) * 1e3
             row[INDEX["actuate_ms"]] = (done - actuation) * 1e3
@@ -294,99 +365,75 @@ class DriveCore:
             row[INDEX["throttle"]] = throttle
             row[INDEX["actuated"]] = actuation
             row[INDEX["frame_seq"]] = last_seq
-            row[INDEX["decided"]] = 1.0 if invoke > 0.0 else 0.0
+            row[INDEX["decided"]] = 1.0 if inference is not None else 0.0
             if late:
                 metrics.deadline_misses += 1
             metrics.publish()
             previous_actuation = actuation
             self.heartbeat = done
+            self.alive_until = done + period + self.deadman_limit
+            self._publish_snapshot(steering, throttle, done)
 
-            if new_frame and frame is not None and self.recording and self.parts.recorder is not None:
+            if new_frame and frame is not None and decider.recording and self.parts.recorder is not None:
+                manual = self.manual.latest
                 self.parts.recorder.submit({
-                    "cam/image_array": frame.image, "user/angle": self._user[0], "user/throttle": self._user[1],
-                    "user/mode": self.mode, "pilot/angle": self._pilot_out[0], "pilot/throttle": self._pilot_out[1],
+                    "cam/image_array": frame.image, "user/angle": manual[0], "user/throttle": manual[1],
+                    "user/mode": decider.mode, "pilot/angle": decider.pilot_output[0],
+                    "pilot/throttle": decider.pilot_output[1],
                 })
             self._gc.collect_in_slack()
 
-    def _actuate(self, steering: float, throttle: float, now: float) -> None:
+    def _infer(self, frame: Frame) -> Inference:
+        pilot = self.pilot
+        assert pilot is not None
+        clock = self.clock
+        t0 = clock()
+        try:
+            pilot.prepare(frame.image, imu=frame.imu)
+            t1 = clock()
+            pilot.invoke()
+            t2 = clock()
+            output = pilot.result()
+            return Inference(output.angle, output.throttle, t2 - t1, t1 - t0)
+        except Exception as exc:  # any model failure means neutral, never a crash
+            return Inference(invoke_s=clock() - t0, failure=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _apply_commands(self, now: float) -> None:
+        held_by = self.stops.held_by()
+        for lane in self.lanes:
+            while (command := lane.take()) is not None:
+                self.decider.apply(command, now, held_by=held_by)
+
+    def _actuate(self, steering: float, throttle: float, now: float) -> tuple[float, float]:
+        """Write the command (one retry, then a latched fault and neutral); returns what was written."""
         actuators = self.parts.actuators
-        for attempt in (1, 2):  # one retry, then neutral and a latched fault
+        if self.deadman.tripped:  # the monitor saw a stall this cycle has not latched yet
+            steering = throttle = 0.0
+        for attempt in (1, 2):
             try:
                 actuators.write(steering, throttle)
-                self.last_output = (steering, throttle)
                 self.last_write_ok = now
-                return
-            except ActuatorError as exc:
+                return steering, throttle
+            except Exception as exc:  # ActuatorError, or a backend's bug: the same for the car
                 if attempt == 2:
-                    self.supervisor.latch(Fault.ACTUATOR_FAILURE, now, str(exc))
+                    self.faults.latch(Fault.ACTUATOR_FAILURE, now, f"{type(exc).__name__}: {exc}"[:200])
         try:
             actuators.neutral()
-            self.last_output = (0.0, 0.0)
             self.last_write_ok = now
-        except ActuatorError:
-            pass  # already latched; keep trying neutral every cycle
+        except Exception:  # already latched; neutral is tried again every cycle
+            pass
+        return 0.0, 0.0
 
-    # -- commands ------------------------------------------------------------------------------
-    def _apply_commands(self, now: float) -> None:
-        while (command := self.commands.pop()) is not None:
-            ok, reason = self._apply(command, now)
-            if command.name != "user" or not ok:
-                self.events.push(Event("command", {"name": command.name, "id": command.id, "source": command.source,
-                                                   "ok": ok, "reason": reason}, now))
+    def _publish_snapshot(self, steering: float, throttle: float, now: float) -> None:
+        self.snapshot = self._make_snapshot(steering, throttle, now)
 
-    def _apply(self, command: Command, now: float) -> tuple[bool, str]:
-        name, value = command.name, command.value
-        if name == "user":
-            angle, throttle = value
-            if not (math.isfinite(angle) and math.isfinite(throttle)):
-                return False, "non-finite manual control"
-            self._user = (max(-1.0, min(1.0, angle)), max(-1.0, min(1.0, throttle)))
-            self._user_time = command.monotonic
-            return True, ""
-        if name == "estop":
-            pressed = value is None or bool(value)
-            if pressed:
-                self.supervisor.estop_held = value is not None  # a button; None = a one-shot command
-                self.supervisor.latch(Fault.ESTOP, now, f"e-stop from {command.source}")
-            else:
-                self.supervisor.estop_held = False
-            return True, ""
-        if name == "clear_fault":
-            fault = None
-            if value is not None:
-                try:
-                    fault = Fault(value)
-                except ValueError:
-                    return False, f"unknown fault {value!r}"
-            refused = self.supervisor.clear(fault, now, command.source)
-            return (not refused), "; ".join(refused)
-        if name == "set_mode":
-            if value not in MODES:
-                return False, f"unknown mode {value!r}; modes: {', '.join(MODES)}"
-            if value in NEEDS_PILOT and self.pilot is None:
-                return False, f"mode {value!r} needs an autopilot model"
-            if value != self.mode:
-                self.events.push(Event("mode", {"from": self.mode, "to": value, "source": command.source}, now))
-                self.mode = value
-                if self.pilot is not None:
-                    self.pilot.reset()
-            return True, ""
-        if name == "set_max_throttle":
-            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                return False, "max throttle must be a number in [0, 1]"
-            self.max_throttle = float(value)
-            return True, ""
-        if name == "record":
-            if self.parts.recorder is None:
-                return False, "no recording configured (recording.path or --record)"
-            self.recording = value == "start"
-            return True, ""
-        if name == "set_behavior":
-            if self.pilot is None:
-                return False, "no autopilot"
-            try:
-                self.pilot.set_behavior(int(value))
-            except (ValueError, TypeError) as exc:
-                return False, str(exc)
-            return True, ""
-        return False, f"unknown command {name!r}"
+    def _make_snapshot(self, steering: float, throttle: float, now: float) -> DriveStatus:
+        faults = self.faults
+        if faults.version != self._faults_version:  # build the fault views only when they change
+            self._faults_version = faults.version
+            self._fault_view: Mapping[str, str] = faults.active()
+            self._latched_view = tuple(sorted(faults.latched_faults()))
+        decider = self.decider
+        return DriveStatus(decider.mode, self._fault_view, self._latched_view, decider.max_throttle,
+                           decider.recording, steering, throttle, faults.ok and throttle != 0.0,
+                           self.stops.held_by(), now)

@@ -1,5 +1,9 @@
 """Bounded, lock-free handoffs between the drive thread and the rest of the agent.
 
+Events go out through a bounded queue (dropped and counted when full: the drive thread never
+waits); manual control comes in as the newest value (``ManualControl``). Commands travel in
+per-source lanes (agent/core/commands.py) and e-stops are state (agent/core/stops.py).
+
 Each queue has exactly one producer and one consumer. ``collections.deque`` append and
 popleft are atomic under the GIL and take no lock; the length check before appending is
 only racy towards the consumer (who can only make room), so the bound holds. When full,
@@ -8,6 +12,7 @@ the newest item is dropped and counted: the drive thread never waits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -55,22 +60,28 @@ class Event:
     wall: float = field(default_factory=time.time)
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A request into the drive core, applied at the start of its next cycle."""
-
-    name: str  # "set_mode", "estop", "clear_fault", "user", "set_max_throttle", "set_behavior"
-    value: Any = None
-    source: str = "local"
-    id: str | None = None  # echoed in the result event, so a requester can match it
-    monotonic: float = field(default_factory=time.monotonic)
-
-
 class EventQueue(BoundedHandoff[Event]):
     def __init__(self, capacity: int = 1024) -> None:
         super().__init__(capacity)
 
 
-class CommandQueue(BoundedHandoff[Command]):
-    def __init__(self, capacity: int = 256) -> None:
-        super().__init__(capacity)
+class ManualControl:
+    """The operator's newest steering and throttle, with when it arrived: a value, not a queue.
+
+    One writer (the operator's input thread), read by the drive thread every cycle; the value
+    and its time travel together in one tuple, so the reader never sees a mixed pair.
+    """
+
+    def __init__(self) -> None:
+        self.latest: tuple[float, float, float] = (0.0, 0.0, -math.inf)  # angle, throttle, monotonic
+        self.refused = 0
+
+    def set(self, angle: float, throttle: float, at: float | None = None) -> bool:
+        """Store a control; a non-finite value is refused (counted) and changes nothing."""
+        if not (isinstance(angle, int | float) and isinstance(throttle, int | float)
+                and math.isfinite(angle) and math.isfinite(throttle)):
+            self.refused += 1
+            return False
+        clamp = lambda x: max(-1.0, min(1.0, float(x)))  # noqa: E731
+        self.latest = (clamp(angle), clamp(throttle), time.monotonic() if at is None else at)
+        return True

@@ -103,7 +103,7 @@ class Picamera2Camera(_ThreadedCamera):
 
     def __init__(self, width: int, height: int, fps: float) -> None:
         super().__init__("picamera2")
-        from agent.hw.factory import HardwareUnavailableError
+        from agent.hw.errors import HardwareUnavailableError
 
         try:
             from picamera2 import Picamera2
@@ -147,7 +147,7 @@ class V4l2Camera(_ThreadedCamera):
 
     def __init__(self, device: str, width: int, height: int, fps: float) -> None:
         super().__init__("v4l2")
-        from agent.hw.factory import HardwareUnavailableError
+        from agent.hw.errors import HardwareUnavailableError
 
         try:
             import cv2

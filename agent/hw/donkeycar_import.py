@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ActuatorsConfig, CalibrationConfig, Pca9685Config
+from agent.errors import AgentError
 
 KEYS = {  # DonkeyCar key -> our calibration field
     "STEERING_LEFT_PWM": "steering_left_pwm",
@@ -29,7 +30,7 @@ KEYS = {  # DonkeyCar key -> our calibration field
 PCA_PIN = re.compile(r"^PCA9685\.(\d+):([0-9a-fA-Fx]+)\.(\d+)$")
 
 
-class DonkeyConfigError(ValueError):
+class DonkeyConfigError(AgentError, ValueError):
     """The DonkeyCar config cannot be used; the message says why."""
 
 

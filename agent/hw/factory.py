@@ -5,11 +5,10 @@ from __future__ import annotations
 from contextlib import ExitStack
 
 from agent.config import AgentConfig
+from agent.hw.errors import HardwareUnavailableError
 from agent.hw.interfaces import Actuators, Camera
 
-
-class HardwareUnavailableError(RuntimeError):
-    """A configured device or its library is missing; the message says which and how to fix it."""
+__all__ = ["HardwareUnavailableError", "build_hardware"]
 
 
 def build_hardware(config: AgentConfig, stack: ExitStack) -> tuple[Camera, Actuators]:

@@ -1,15 +1,15 @@
 """gpiozero devices: the e-stop button and the status LED.
 
 Devices take a pin factory (gpiozero's ``pin_factory=``), so tests pass gpiozero's
-MockFactory and a car gets lgpio. The button feeds the drive core's command queue from
-gpiozero's callback thread (a deque append: no lock, no waiting).
+MockFactory and a car gets lgpio. The button sets its level on the drive core's stop board
+from gpiozero's callback thread (attribute writes: no lock, no queue that could drop a press).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agent.core.handoff import Command, CommandQueue
+from agent.core.stops import StopSource
 
 # Blink patterns (on seconds, off seconds) per state; a fault outranks a mode.
 PATTERNS = {
@@ -24,10 +24,11 @@ PATTERNS = {
 class EStopButton:
     """A normally-open button to ground: press latches an e-stop; release only allows a clear."""
 
-    def __init__(self, pin: str, commands: CommandQueue, *, pin_factory: Any = None, bounce_time: float = 0.02) -> None:
+    def __init__(self, pin: str, source: StopSource, *, pin_factory: Any = None, bounce_time: float = 0.02) -> None:
         from gpiozero import Button
 
-        self.commands = commands
+        self.source = source
+        self.pin = pin
         self.button = Button(pin, pull_up=True, bounce_time=bounce_time, pin_factory=pin_factory)
         self.button.when_pressed = self._pressed
         self.button.when_released = self._released
@@ -35,10 +36,10 @@ class EStopButton:
             self._pressed()
 
     def _pressed(self) -> None:
-        self.commands.push(Command("estop", True, source="button"))
+        self.source.hold(True, f"button {self.pin} pressed")
 
     def _released(self) -> None:
-        self.commands.push(Command("estop", False, source="button"))
+        self.source.hold(False)
 
     def close(self) -> None:
         self.button.close()

@@ -12,6 +12,10 @@ from typing import Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from agent.hw.errors import ActuatorError
+
+__all__ = ["ActuatorError", "Actuators", "Camera", "Frame"]
+
 
 @dataclass(frozen=True, slots=True)
 class Frame:
@@ -19,10 +23,6 @@ class Frame:
     timestamp: float  # capture time on time.monotonic()
     image: NDArray[np.uint8]  # (H, W, 3) RGB; the consumer owns it (backends never reuse the array)
     imu: NDArray[np.float64] | None = None  # acl_x, acl_y, acl_z, gyr_x, gyr_y, gyr_z where available
-
-
-class ActuatorError(OSError):
-    """The actuators did not take a command (I2C error, lost simulator link...)."""
 
 
 class Camera(Protocol):

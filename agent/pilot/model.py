@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from agent.errors import AgentError
 from agent.pilot.modelfile import ModelFileError, custom_operators, read_model
 from agent.pilot.runtime import interpreter_class
 
@@ -48,7 +49,7 @@ _NORMALISE = (np.arange(256, dtype=np.float64) * (1.0 / 255.0)).astype(np.float3
 _GREY = np.array([0.299, 0.587, 0.114])
 
 
-class ModelError(ValueError):
+class ModelError(AgentError, ValueError):
     """A model the car cannot run, or an input it cannot take; the message says why."""
 
 

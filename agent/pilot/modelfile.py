@@ -14,12 +14,14 @@ from pathlib import Path
 import flatbuffers
 from flatbuffers.table import Table
 
+from agent.errors import AgentError
+
 FILE_IDENTIFIER = b"TFL3"
 _OPERATOR_CODES_FIELD = 6  # vtable offset of Model.operator_codes (field 1)
 _CUSTOM_CODE_FIELD = 6  # vtable offset of OperatorCode.custom_code (field 1)
 
 
-class ModelFileError(ValueError):
+class ModelFileError(AgentError, ValueError):
     """Not a usable .tflite file; the message says why."""
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from agent.errors import AgentError
+
 RUNTIMES = ("ai_edge_litert.interpreter", "tflite_runtime.interpreter")
 
 
-class RuntimeUnavailableError(ImportError):
+class RuntimeUnavailableError(AgentError, ImportError):
     pass
 
 

@@ -6,6 +6,7 @@ Everything is a no-op outside systemd (no NOTIFY_SOCKET), so the same code runs 
 from __future__ import annotations
 
 import os
+from collections import deque
 
 from sdnotify import SystemdNotifier
 
@@ -14,7 +15,7 @@ class Notifier:
     def __init__(self) -> None:
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = SystemdNotifier() if self.enabled else None
-        self.sent: list[str] = []  # what was sent, for the logs and tests
+        self.sent: deque[str] = deque(maxlen=256)  # the latest messages sent, for the logs and tests
 
     def _send(self, message: str) -> None:
         if self._notifier is not None:

@@ -1,11 +1,17 @@
-"""Fleet commands: validation and the response state machine (docs/mqtt.md#commands).
+"""Fleet commands: validation into typed core commands, and the response body (docs/mqtt.md#commands).
 
 A command arrives on ``donkey/<fleet>/<car>/cmd/<name>`` as ``{"id": "...", "exp": <epoch s>, "value": ...}``.
-Its states go to ``.../cmd/<name>/<id>/res`` (QoS 1, retained: the retained message *is* the state):
-``init`` -> ``executing`` -> ``successful`` | ``failed`` with a ``reason``. Anything invalid (malformed JSON,
-an unknown name, a missing or duplicate id, an expired command, a bad value) gets ``failed`` and changes
-nothing. Commands that could make the car move are refused while a fault is latched; ``estop`` is always
-accepted. Parsing is pure: nothing here touches MQTT or the drive core.
+Its states go to ``.../cmd/<name>/<id>/res`` (QoS 1, retained, with an MQTT 5 message expiry):
+``init`` -> ``executing`` -> ``successful`` | ``failed`` with a ``reason``. Anything invalid (oversized or
+deeply nested, malformed JSON, an unknown name, a missing or duplicate id, a retained message, an expired
+command, a bad value) gets ``failed`` and changes nothing. The size and nesting limits are checked before
+the JSON parser sees the payload, and the parser never raises (it is fuzzed, nesting included).
+
+Values are validated here, once, into the drive core's typed commands (agent/core/commands.py); the core
+itself re-checks expiry and the latched-fault gate when it applies them. ``estop`` is special: the MQTT
+thread presses the car's stop board as soon as the message arrives (agent/telemetry/service.py), whatever
+its payload, so nothing here can delay or refuse a stop; only a retained e-stop (a replay from the broker's
+store, not a request) is refused.
 """
 
 from __future__ import annotations
@@ -17,71 +23,109 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from agent.core.control import MODES
+from agent.core.commands import ClearFault, Command, CommandError, Record, SetMaxThrottle, SetMode
 
 NAMES = ("estop", "clear_fault", "set_mode", "set_max_throttle", "record", "ping")
 ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_PAYLOAD = 4096
-MOVES_THE_CAR = {"set_mode", "set_max_throttle"}
+MAX_DEPTH = 8  # {"id": ..., "value": ...} needs 1; nothing legitimate needs more than a few
+TIMEOUT_S = 2.0  # the drive core applies a command within this, or refuses it as expired
+_STRUCTURE = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 
 @dataclass(frozen=True)
 class Parsed:
     name: str
     id: str | None  # None when the payload carried no usable id (nowhere to answer)
-    value: Any = None
+    command: Command | None = None  # the typed command for the core (None for estop and ping)
     error: str = ""  # non-empty: answer "failed" with this reason and do nothing
 
 
-def parse(name: str, payload: bytes, *, now: float, seen: SeenIds, latched: bool, max_throttle: float) -> Parsed:
-    """Validate one command; never raises."""
+def nesting_depth(payload: bytes) -> int:
+    """The deepest ``[``/``{`` nesting outside strings (a linear scan; strings are skipped whole)."""
+    depth = deepest = 0
+    for match in _STRUCTURE.finditer(payload):
+        token = match.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif token in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def load_object(payload: bytes) -> tuple[dict[str, Any] | None, str]:
+    """The payload as a JSON object, or None and why; size and nesting are checked first."""
     if len(payload) > MAX_PAYLOAD:
-        return Parsed(name, None, error=f"payload over {MAX_PAYLOAD} bytes")
+        return None, f"payload over {MAX_PAYLOAD} bytes"
+    if nesting_depth(payload) > MAX_DEPTH:
+        return None, f"payload nested deeper than {MAX_DEPTH}"
     try:
         message = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        return Parsed(name, None, error="payload is not JSON")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None, "payload is not JSON"
     if not isinstance(message, dict):
-        return Parsed(name, None, error="payload is not a JSON object")
-    command_id = message.get("id")
-    if not isinstance(command_id, str) or not ID.match(command_id):
+        return None, "payload is not a JSON object"
+    return message, ""
+
+
+def command_id(payload: bytes) -> str | None:
+    """The id of a payload, if it has a valid one (for answering an e-stop pressed before parsing)."""
+    message, _ = load_object(payload)
+    value = message.get("id") if message is not None else None
+    return value if isinstance(value, str) and ID.match(value) else None
+
+
+def parse(name: str, payload: bytes, *, now: float, received: float, seen: SeenIds,
+          retained: bool = False) -> Parsed:
+    """Validate one command; never raises. ``now`` is epoch seconds, ``received`` monotonic."""
+    message, error = load_object(payload)
+    if message is None:
+        return Parsed(name, None, error=error)
+    identifier = message.get("id")
+    if not isinstance(identifier, str) or not ID.match(identifier):
         return Parsed(name, None, error="missing or invalid id (1-64 of A-Z a-z 0-9 _ . : -)")
     if name not in NAMES:
-        return Parsed(name, command_id, error=f"unknown command {name!r}; commands: {', '.join(NAMES)}")
-    if seen.check_and_add(name, command_id):
+        return Parsed(name, identifier, error=f"unknown command {name!r}; commands: {', '.join(NAMES)}")
+    if retained:
+        # A retained command is a replay of an old request from the broker's store (a subscriber
+        # connecting later), not a request to this run: never act on it.
+        return Parsed(name, identifier, error="refused: retained commands are not executed; publish without retain")
+    if seen.check_and_add(name, identifier):
         # Not answered: the retained state of the original command must stand.
-        return Parsed(name, None, error=f"duplicate id {command_id!r}")
+        return Parsed(name, None, error=f"duplicate id {identifier!r}")
+    expires = received + TIMEOUT_S
     expiry = message.get("exp")
     if expiry is not None:
         if isinstance(expiry, bool) or not isinstance(expiry, int | float) or not math.isfinite(expiry):
-            return Parsed(name, command_id, error="exp must be a number (epoch seconds)")
+            return Parsed(name, identifier, error="exp must be a number (epoch seconds)")
         if expiry < now:
-            return Parsed(name, command_id, error=f"expired {now - expiry:.1f} s ago")
-    value = message.get("value")
-    error = _check_value(name, value)
-    if error:
-        return Parsed(name, command_id, error=error)
-    if latched and name in MOVES_THE_CAR:
-        lowering = name == "set_max_throttle" and isinstance(value, int | float) and value <= max_throttle
-        harmless = lowering or (name == "set_mode" and value == "user")
-        if not harmless:
-            return Parsed(name, command_id, error="refused: a fault is latched (clear it first)")
-    return Parsed(name, command_id, value)
+            return Parsed(name, identifier, error=f"expired {now - expiry:.1f} s ago")
+        expires = min(expires, received + (expiry - now))
+    try:
+        command = _command(name, message.get("value"), identifier, received, expires)
+    except CommandError as exc:
+        return Parsed(name, identifier, error=str(exc))
+    return Parsed(name, identifier, command)
 
 
-def _check_value(name: str, value: Any) -> str:
-    if name == "set_mode" and value not in MODES:
-        return f"value must be one of {', '.join(MODES)}"
-    if name == "set_max_throttle" and (isinstance(value, bool) or not isinstance(value, int | float)
-                                       or not math.isfinite(value) or not 0.0 <= value <= 1.0):
-        return "value must be a number in [0, 1]"
-    if name == "record" and value not in ("start", "stop"):
-        return "value must be 'start' or 'stop'"
-    if name == "clear_fault" and value is not None and not isinstance(value, str):
-        return "value must be a fault name, or absent for all latched faults"
-    if name in ("estop", "ping") and value is not None:
-        return "takes no value"
-    return ""
+def _command(name: str, value: Any, identifier: str, received: float, expires: float) -> Command | None:
+    envelope = {"source": "mqtt", "id": identifier, "received": received, "expires": expires}
+    if name in ("estop", "ping"):
+        if value is not None:
+            raise CommandError(f"{name} takes no value")
+        return None
+    if name == "set_mode":
+        return SetMode(mode=value, **envelope)
+    if name == "set_max_throttle":
+        return SetMaxThrottle(value=value, **envelope)
+    if name == "record":
+        if value not in ("start", "stop"):
+            raise CommandError("value must be 'start' or 'stop'")
+        return Record(on=value == "start", **envelope)
+    if value is not None and not isinstance(value, str):
+        raise CommandError("value must be a fault name, or absent for all latched faults")
+    return ClearFault(fault=value, **envelope)
 
 
 class SeenIds:

@@ -16,8 +16,8 @@ import numpy as np
 
 from agent.core.control import MODES
 from agent.core.drive import DriveCore
+from agent.core.faults import Fault
 from agent.core.metrics import INDEX
-from agent.core.safety import Fault
 
 log = logging.getLogger("donkey-agent.metrics")
 
@@ -106,6 +106,15 @@ class MetricsExporter:
         return "\n".join(out) + "\n"
 
 
+MAX_HEADERS = 100
+
+
+async def _answer(writer: asyncio.StreamWriter, status: str, content: str, body: bytes) -> None:
+    writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content}\r\nContent-Length: {len(body)}\r\n"
+                 "Connection: close\r\n\r\n".encode() + body)
+    await asyncio.wait_for(writer.drain(), 5.0)
+
+
 async def serve(exporter: MetricsExporter, listen: str, stop: asyncio.Event) -> None:
     """Serve GET /metrics on ``host:port`` until ``stop``; a bind failure is logged, never fatal."""
     host, _, port = listen.rpartition(":")
@@ -113,18 +122,20 @@ async def serve(exporter: MetricsExporter, listen: str, stop: asyncio.Event) -> 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5.0)
-            while (await asyncio.wait_for(reader.readline(), 5.0)).strip():
-                pass  # headers
+            for _ in range(MAX_HEADERS):  # headers: read and ignored, a bounded number
+                if not (await asyncio.wait_for(reader.readline(), 5.0)).strip():
+                    break
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                 body, status = exporter.render().encode(), "200 OK"
                 content = "text/plain; version=0.0.4; charset=utf-8"
             else:
                 body, status, content = b"not found: try /metrics\n", "404 Not Found", "text/plain"
-            writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content}\r\nContent-Length: {len(body)}\r\n"
-                         "Connection: close\r\n\r\n".encode() + body)
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeError) as exc:
+            await _answer(writer, status, content, body)
+        except (ValueError, asyncio.LimitOverrunError):  # a line over the reader's 64 KiB limit
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await _answer(writer, "431 Request Header Fields Too Large", "text/plain", b"request too large\n")
+        except (TimeoutError, ConnectionError, UnicodeError, asyncio.IncompleteReadError) as exc:
             log.debug("metrics request failed: %s", exc)
         finally:
             writer.close()

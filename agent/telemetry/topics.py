@@ -11,11 +11,13 @@ import re
 import time
 from typing import Any
 
+from agent.errors import AgentError
+
 PAYLOAD_VERSION = 1
 SEGMENT = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class TopicError(ValueError):
+class TopicError(AgentError, ValueError):
     pass
 
 

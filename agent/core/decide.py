@@ -1,0 +1,177 @@
+"""The decide step of a drive cycle: inputs and time in, the actuator command out.
+
+The drive thread reads its inputs (frame, stop requests, commands, the model's output), hands
+them to the ``Decider`` with the current time, and writes what comes back. Nothing here reads a
+clock, a device or another thread, so every rule of the core (faults, e-stop hold, the
+latched-fault gate, command expiry, modes, limits, the ramp) is tested with a fake clock
+(tests/test_decide.py), as openpilot tests its state machine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.config import DriveConfig
+from agent.core.commands import ClearFault, Command, Outcome, Record, SetBehavior, SetMaxThrottle, SetMode
+from agent.core.control import NEEDS_OPERATOR, NEEDS_PILOT, ThrottleRamp, select
+from agent.core.faults import Fault
+from agent.core.handoff import Event
+from agent.core.safety import EventSink, FaultMonitor
+from agent.core.stops import StopRequest
+
+
+class Pilot(Protocol):
+    """What the decider needs of the autopilot: forgetting its state, choosing a behaviour."""
+
+    def reset(self) -> None: ...
+
+    def set_behavior(self, index: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Inference:
+    """The model's result on this cycle's frame."""
+
+    angle: float = 0.0
+    throttle: float = 0.0
+    invoke_s: float = 0.0
+    prepare_s: float = 0.0
+    failure: str = ""  # the exception, or "non-finite output"
+
+
+@dataclass(slots=True)
+class CycleInputs:
+    now: float
+    frame_age: float  # now minus the newest frame's capture time (inf before the first)
+    camera_error: str = ""  # what the camera raised this cycle
+    inference: Inference | None = None  # None: the model did not run this cycle
+    manual: tuple[float, float, float] = (0.0, 0.0, -math.inf)  # angle, throttle, arrival
+
+
+@dataclass(slots=True)
+class Decision:
+    steering: float
+    throttle: float
+    ok: bool  # no fault: the command is the car's own, not a fault's neutral
+
+
+class Decider:
+    """The core's rules, stepped by the drive thread once per cycle (phase 1 then phase 2)."""
+
+    def __init__(self, config: DriveConfig, faults: FaultMonitor, events: EventSink, *,
+                 can_record: bool = False) -> None:
+        self.config = config
+        self.faults = faults
+        self.events = events
+        self.can_record = can_record
+        self.pilot: Pilot | None = None  # set by the drive thread once the model has loaded
+        self.mode = config.mode
+        self.max_throttle = config.max_throttle
+        self.recording = can_record  # a `record` command turns it off and on
+        self.pilot_output = (0.0, 0.0)
+        self._ramp = ThrottleRamp(config.throttle_ramp_per_s)
+        self._overruns = 0
+
+    # -- phase 1: stops and commands, before the model runs (a mode change decides whether it does) --
+    def accept_stops(self, requests: list[StopRequest], now: float, *, stall: str = "") -> None:
+        for request in requests:
+            self.faults.estop(request, now)
+        if stall:
+            self.faults.latch(Fault.DRIVE_STALL, now, stall)
+
+    def apply(self, command: Command, now: float, *, held_by: str = "") -> Outcome:
+        """Apply one command; its outcome is also stored on it and reported as an event."""
+        outcome = self._apply(command, now, held_by)
+        command.outcome = outcome
+        self.events.push(Event("command", {"name": command.name, "id": command.id, "source": command.source,
+                                           "ok": outcome.ok, "reason": outcome.reason}, now))
+        return outcome
+
+    def _apply(self, command: Command, now: float, held_by: str) -> Outcome:
+        if now > command.expires:
+            return Outcome(False, f"expired: it waited {now - command.received:.2f} s for the drive core")
+        if self.faults.latched and self._would_move(command):
+            return Outcome(False, "refused: a fault is latched (clear it first)")
+        if isinstance(command, ClearFault):
+            refused = self.faults.clear(command.fault, received=command.received, now=now, source=command.source,
+                                        held_by=held_by)
+            return Outcome(not refused, "; ".join(refused))
+        if isinstance(command, SetMode):
+            return self._set_mode(command, now)
+        if isinstance(command, SetMaxThrottle):
+            self.max_throttle = command.value
+            return Outcome(True)
+        if isinstance(command, Record):
+            if not self.can_record:
+                return Outcome(False, "no recording configured (recording.path or --record)")
+            self.recording = command.on
+            return Outcome(True)
+        if isinstance(command, SetBehavior):
+            if self.pilot is None:
+                return Outcome(False, "no autopilot")
+            try:
+                self.pilot.set_behavior(command.index)
+            except (ValueError, TypeError) as exc:
+                return Outcome(False, str(exc))
+            return Outcome(True)
+        return Outcome(False, f"unknown command {command.name!r}")
+
+    def _would_move(self, command: Command) -> bool:
+        """The latched-fault gate: what could make the car move once the fault is cleared."""
+        if isinstance(command, SetMode):
+            return command.mode != "user"
+        if isinstance(command, SetMaxThrottle):
+            return command.value > self.max_throttle
+        return False
+
+    def _set_mode(self, command: SetMode, now: float) -> Outcome:
+        if command.mode in NEEDS_PILOT and self.pilot is None:
+            return Outcome(False, f"mode {command.mode!r} needs an autopilot model")
+        if command.mode != self.mode:
+            self.events.push(Event("mode", {"from": self.mode, "to": command.mode, "source": command.source}, now))
+            self.mode = command.mode
+            if self.pilot is not None:
+                self.pilot.reset()
+        return Outcome(True)
+
+    @property
+    def wants_pilot(self) -> bool:
+        return self.mode in NEEDS_PILOT and self.pilot is not None
+
+    # -- phase 2: decide ----------------------------------------------------------------------------
+    def decide(self, inputs: CycleInputs) -> Decision:
+        config, faults, now = self.config, self.faults, inputs.now
+        faults.observe(Fault.STALE_FRAME, inputs.frame_age > config.max_frame_age_ms / 1000.0, now,
+                       "newest camera frame too old")
+        faults.observe(Fault.CAMERA_ERROR, bool(inputs.camera_error), now, inputs.camera_error)
+        self._observe_inference(inputs.inference, now)
+        manual_angle, manual_throttle, manual_at = inputs.manual
+        faults.observe(Fault.HEARTBEAT_LOST,
+                       self.mode in NEEDS_OPERATOR and now - manual_at > config.heartbeat_timeout_ms / 1000.0, now,
+                       "no manual control received")
+        if not faults.ok:
+            self._ramp.reset(now)
+            return Decision(0.0, 0.0, False)
+        steering, target = select(self.mode, *self.pilot_output, manual_angle, manual_throttle,
+                                  max_throttle=self.max_throttle, throttle_multiplier=config.throttle_multiplier)
+        return Decision(steering, self._ramp.apply(target, now), True)
+
+    def _observe_inference(self, inference: Inference | None, now: float) -> None:
+        faults, config = self.faults, self.config
+        if inference is not None:
+            if not inference.failure:
+                self.pilot_output = (inference.angle, inference.throttle)
+            over = inference.invoke_s > config.inference_budget_ms / 1000.0
+            self._overruns = self._overruns + 1 if over else 0
+            overrun = self._overruns >= config.overrun_limit
+            faults.observe(Fault.INFERENCE_ERROR, bool(inference.failure), now, inference.failure)
+            faults.observe(Fault.INFERENCE_OVERRUN, overrun, now,
+                           f"{self._overruns} inferences over {config.inference_budget_ms:g} ms" if overrun else "")
+        elif self.mode not in NEEDS_PILOT:
+            faults.observe(Fault.INFERENCE_ERROR, False, now)
+            faults.observe(Fault.INFERENCE_OVERRUN, False, now)
+
+    def restart_ramp(self, now: float) -> None:
+        self._ramp.reset(now)
