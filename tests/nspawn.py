@@ -3,7 +3,9 @@
 The root is built once (about a minute, from Debian's archive) and cached as a tarball in
 DONKEY_TEST_CACHE (default /var/cache/donkey-agent-tests), so later runs unpack it in seconds.
 The agent is installed from wheels built on the host (same Python ABI, cp311) into
-/opt/donkey-agent/venv, exactly where the unit expects it.
+/opt/donkey-agent/venv, exactly where the unit expects it, with the ``pi`` extra as on a car
+(the real adafruit-circuitpython-pca9685 driver and Blinka): the container has no network, so
+every wheel it installs is built or downloaded on the host first.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ PACKAGES = "python3,python3-venv,systemd,systemd-sysv,dbus,procps,passwd"
 ROOT_TAR = CACHE / f"bookworm-root-{hashlib.sha256(PACKAGES.encode()).hexdigest()[:12]}.tar"
 MIRROR = "http://deb.debian.org/debian"
 REPO = Path(__file__).resolve().parent.parent
+EXTRAS = "pi"  # what a car installs: the container runs the PCA9685 driver (over an emulated bus)
 
 
 def available() -> str:
@@ -50,12 +53,13 @@ def ensure_root_tarball() -> Path:
 
 
 def build_wheels() -> Path:
+    """The agent's wheel and every dependency's, extras included, for an offline install in the container."""
     wheels = CACHE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     for old in wheels.glob("donkey_edge_agent-*"):
         old.unlink()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), str(REPO)], check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(wheels), f"{REPO}[{EXTRAS}]"],
+                   check=True, capture_output=True, timeout=900)
     return wheels
 
 
@@ -73,10 +77,14 @@ class Container:
         chroot = ["chroot", str(self.root)]
         subprocess.run([*chroot, "python3", "-m", "venv", "/opt/donkey-agent/venv"], check=True, timeout=300)
         subprocess.run([*chroot, "/opt/donkey-agent/venv/bin/pip", "install", "-q", "--no-index", "--find-links",
-                        "/opt/wheels", "donkey-edge-agent"], check=True, capture_output=True, timeout=600)
+                        "/opt/wheels", f"donkey-edge-agent[{EXTRAS}]"], check=True, capture_output=True, timeout=600)
         for group in ("i2c", "gpio", "video"):
             subprocess.run([*chroot, "groupadd", "-f", group], check=True)
         subprocess.run([*chroot, "useradd", "--system", "--no-create-home", "--user-group", "donkey"], check=True)
+
+    def site_packages(self) -> Path:
+        """The agent venv's site-packages, as a host path (to drop test doubles into)."""
+        return next((self.root / "opt" / "donkey-agent" / "venv" / "lib").glob("python3*/site-packages"))
 
     def boot(self, timeout: float = 60) -> None:
         self.process = subprocess.Popen(

@@ -7,17 +7,41 @@ steering maps [-1, 1] linearly onto [STEERING_LEFT_PWM, STEERING_RIGHT_PWM], thr
 counts exactly and write them through adafruit-circuitpython-pca9685, whose 16-bit
 ``duty_cycle`` is the count shifted left by four. Unlike DonkeyCar we never sweep the ESC
 through max and min at start (a full-throttle blip): arming is neutral only.
+
+Every command writes throttle first, then steering, and each channel on its own: a failed
+steering write must never leave the motor running, and a failed throttle write must not also
+leave the wheels turned. Only then is one error raised, naming the channel(s) that failed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 from typing import Any
 
 from agent.config import CalibrationConfig, Pca9685Config
 from agent.hw.interfaces import ActuatorError
 
+log = logging.getLogger(__name__)
+
 FULL_OFF = 0  # duty_cycle < 0x10: the channel's OFF register gets its full-off bit
+THROTTLE = "throttle"
+STEERING = "steering"
+# The order of every write: stopping the motor must never wait on (or be skipped by) the servo.
+CHANNEL_ORDER: tuple[str, ...] = (THROTTLE, STEERING)
+
+
+class ChannelWriteError(ActuatorError):
+    """Some channels did not take their write; the others were still attempted.
+
+    ``failed`` maps each failed channel's role ("throttle", "steering") to the bus error, so a
+    caller such as safe-stop can say which output is in an unknown state and retry only that one.
+    """
+
+    def __init__(self, message: str, failed: dict[str, OSError]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 def map_range(x: float, x_min: float, x_max: float, y_min: float, y_max: float) -> int:
@@ -38,6 +62,17 @@ def throttle_count(throttle: float, calibration: CalibrationConfig) -> int:
     return map_range(throttle, -1.0, 0.0, calibration.throttle_reverse_pwm, calibration.throttle_stopped_pwm)
 
 
+def finite_or_neutral(steering: float, throttle: float) -> tuple[float, float] | None:
+    """``None`` if either value is NaN or infinite: the driver then writes neutral for both.
+
+    Clamping cannot save such a command (``min(1.0, nan)`` is 1.0: full forward, full right), and
+    a producer that emits NaN for one output has no trustworthy other output either.
+    """
+    if math.isfinite(steering) and math.isfinite(throttle):
+        return steering, throttle
+    return None
+
+
 def register_count(pulse: int, *, inverted: bool, scale: float) -> int:
     """DonkeyCar's ``PulseController.set_pulse`` and ``set_duty_cycle``: the OFF count written."""
     pulse = max(0, min(4095, pulse))
@@ -45,6 +80,11 @@ def register_count(pulse: int, *, inverted: bool, scale: float) -> int:
         pulse = 4095 - pulse
     duty = int(pulse * scale) / 4095
     return int(4096 * min(1.0, duty))
+
+
+def duty_cycle(count: int) -> int:
+    """The driver's 16-bit ``duty_cycle`` for an OFF count (4096 and above: always on)."""
+    return 0xFFFF if count >= 4096 else count << 4
 
 
 class Pca9685Actuators:
@@ -56,12 +96,15 @@ class Pca9685Actuators:
         self.calibration = calibration
         try:
             pca.frequency = config.frequency_hz
-            self._steering = pca.channels[config.steering_channel]
-            self._throttle = pca.channels[config.throttle_channel]
+            self._channels: dict[str, Any] = {THROTTLE: pca.channels[config.throttle_channel],
+                                              STEERING: pca.channels[config.steering_channel]}
         except OSError as exc:
             raise ActuatorError(f"PCA9685 at 0x{config.address:02x}: {exc}") from exc
         self.centre = steering_count(0.0, calibration)
         self.stopped = throttle_count(0.0, calibration)
+        # Commands with NaN or infinity that reached the driver (written as neutral instead). The
+        # drive core filters them out upstream, so any count here is a bug worth seeing.
+        self.non_finite = 0
 
     @classmethod
     def open(cls, config: Pca9685Config, calibration: CalibrationConfig, i2c: Any = None) -> Pca9685Actuators:
@@ -101,34 +144,76 @@ class Pca9685Actuators:
             ) from None
         return cls(pca, config, calibration)
 
-    def _write(self, channel: Any, pulse: int, *, inverted: bool, scale: float) -> None:
-        count = register_count(pulse, inverted=inverted, scale=scale)
-        value = 0xFFFF if count >= 4096 else count << 4
-        try:
-            channel.duty_cycle = value
-        except OSError as exc:
-            raise ActuatorError(f"PCA9685 at 0x{self.config.address:02x}: {exc}") from exc
+    def channel_index(self, role: str) -> int:
+        """The PCA9685 channel number of ``role`` ("throttle" or "steering")."""
+        return self.config.throttle_channel if role == THROTTLE else self.config.steering_channel
+
+    def counts(self, steering: float, throttle: float) -> dict[str, int]:
+        """The OFF counts DonkeyCar would write for this command, by role."""
+        cal = self.calibration
+        return {
+            THROTTLE: register_count(throttle_count(throttle, cal), inverted=cal.throttle_inverted,
+                                     scale=cal.throttle_scale),
+            STEERING: register_count(steering_count(steering, cal), inverted=cal.steering_inverted,
+                                     scale=cal.steering_scale),
+        }
+
+    def put(self, duty_cycles: dict[str, int]) -> dict[str, OSError]:
+        """Write each role's ``duty_cycle`` in CHANNEL_ORDER, every one attempted; the failures, by role.
+
+        Never raises for a bus error, so a caller can retry just the failed roles (safe-stop).
+        """
+        failed: dict[str, OSError] = {}
+        for role in CHANNEL_ORDER:
+            if role in duty_cycles:
+                try:
+                    self._channels[role].duty_cycle = duty_cycles[role]
+                except OSError as exc:
+                    failed[role] = exc
+        return failed
+
+    def describe(self, failed: dict[str, OSError]) -> str:
+        """``throttle (channel 0): [Errno 5] ...; steering (channel 1): ...``, in CHANNEL_ORDER."""
+        return "; ".join(f"{role} (channel {self.channel_index(role)}): {failed[role]}"
+                         for role in CHANNEL_ORDER if role in failed)
+
+    def _put_or_raise(self, duty_cycles: dict[str, int]) -> None:
+        failed = self.put(duty_cycles)
+        if failed:
+            raise ChannelWriteError(f"PCA9685 at 0x{self.config.address:02x}: {self.describe(failed)}", failed)
+
+    def neutral_duty_cycles(self) -> dict[str, int]:
+        """Stopped throttle and centred steering, as ``duty_cycle`` values by role."""
+        return {role: duty_cycle(count) for role, count in self.counts(0.0, 0.0).items()}
 
     def arm(self) -> None:
         self.neutral()
 
     def write(self, steering: float, throttle: float) -> None:
-        cal = self.calibration
-        self._write(self._steering, steering_count(steering, cal), inverted=cal.steering_inverted,
-                    scale=cal.steering_scale)
-        self._write(self._throttle, throttle_count(throttle, cal), inverted=cal.throttle_inverted,
-                    scale=cal.throttle_scale)
+        """Throttle, then steering; both attempted. NaN or infinity anywhere: neutral, counted."""
+        command = finite_or_neutral(steering, throttle)
+        if command is None:
+            self._count_non_finite(steering, throttle)
+            self.neutral()
+            return
+        self._put_or_raise({role: duty_cycle(count) for role, count in self.counts(*command).items()})
+
+    def _count_non_finite(self, steering: float, throttle: float) -> None:
+        self.non_finite += 1
+        if self.non_finite == 1:  # once: the drive thread must not spend its period logging
+            log.warning("PCA9685: non-finite command (steering %s, throttle %s) written as neutral; further ones "
+                        "are counted in non_finite", steering, throttle)
 
     def neutral(self) -> None:
-        self.write(0.0, 0.0)
+        """Stopped throttle, then centred steering; both attempted, then ChannelWriteError if any failed."""
+        self._put_or_raise(self.neutral_duty_cycles())
 
     def detach(self) -> None:
-        """Stop pulses on both channels (servo limp, ESC sees no signal): distinct from neutral."""
-        for channel in (self._steering, self._throttle):
-            try:
-                channel.duty_cycle = FULL_OFF
-            except OSError as exc:
-                raise ActuatorError(f"PCA9685 at 0x{self.config.address:02x}: {exc}") from exc
+        """Stop pulses on both channels (servo limp, ESC sees no signal): distinct from neutral.
+
+        Throttle first and both attempted, like every other write.
+        """
+        self._put_or_raise(dict.fromkeys(CHANNEL_ORDER, FULL_OFF))
 
     def close(self) -> None:
         """Leave the car at neutral (an ESC without pulses may hold its last throttle on some models)."""
