@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr if code else sys.stdout)
         return code
     if args.command == "tub":
+        if not (args.path / "manifest.json").exists():
+            print(f"donkey-agent tub info: {args.path}: no records here (no manifest.json): nothing was recorded, "
+                  "or the disk was full for the whole recording", file=sys.stderr)
+            return 1
         try:
             print(json.dumps(tub_info(args.path), indent=2))
         except (OSError, ValueError, KeyError) as exc:

@@ -23,21 +23,23 @@ pytestmark = pytest.mark.skipif(bool(mosquitto.available()), reason=mosquitto.av
 
 
 def start_agent(tmp_path: Path, sim_port: int, broker_port: int, car: str = "car1", telemetry: str = "",
-                *args: str) -> subprocess.Popen[str]:
+                *args: str, url: str | None = None) -> subprocess.Popen[str]:
     """`donkey-agent run` on the twin with the shipped model, linked to the broker as donkey/lab/<car>."""
     config = tmp_path / f"agent-{car}.toml"
+    if "outbox" not in telemetry:
+        telemetry += f'\noutbox = "{tmp_path / f"outbox-{car}.db"}"'
     config.write_text(f"""
 [drive.realtime]
 priority = 0
 [telemetry]
 keepalive_s = 2
 rate_hz = 5
-outbox = "{tmp_path / f'outbox-{car}.db'}"
 {telemetry}
 """)
     return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--sim",
                              f"127.0.0.1:{sim_port}", "--model", str(ROOT / "models" / "pilot.tflite"),
-                             "--mqtt", f"mqtt://127.0.0.1:{broker_port}", "--car-id", car, "--fleet", "lab", *args],
+                             "--mqtt", url or f"mqtt://127.0.0.1:{broker_port}", "--car-id", car, "--fleet", "lab",
+                             *args],
                             stderr=subprocess.PIPE, text=True)
 
 

@@ -194,6 +194,69 @@ def test_sighup_applies_live_changes_and_names_the_rest(tmp_path: Path, systemd:
     assert "keeping the running config, the file is invalid" in text and "not valid TOML" in text
 
 
+def test_sighup_keeps_command_line_overrides_and_names_only_real_changes(
+        tmp_path: Path, systemd: FakeSystemd, caplog: pytest.LogCaptureFixture) -> None:
+    config, path = config_for_tests(tmp_path)  # the file says max_throttle = 0.4
+    overrides = {"drive.max_throttle": 0.1}  # --max-throttle 0.1
+    rig = TwinRig()
+    supervisor = Daemon(config.with_overrides(overrides), config_path=path, overrides=overrides,
+                        build=lambda config, stack: (rig, rig))
+    seen: dict[str, float] = {}
+
+    def script() -> None:
+        wait_until(lambda: systemd.first("READY=1") is not None)
+        os.kill(os.getpid(), signal.SIGHUP)  # the file did not change
+        time.sleep(0.5)
+        assert supervisor.core is not None
+        seen["after_reload"] = supervisor.core.status()["max_throttle"]
+        seen["throttle"] = max(abs(t) for _, _, t in rig.writes_after(time.monotonic() - 0.3))
+
+    with caplog.at_level("INFO", logger="donkey-agent"):
+        code = run_supervisor(supervisor, script)
+    rig.close()
+    assert code == 0
+    assert seen["after_reload"] == 0.1 and seen["throttle"] <= 0.1 + 1e-9  # never the file's 0.4
+    assert "applied live: nothing; needs a restart: nothing" in caplog.text
+
+
+@pytest.mark.parametrize("phase", ["opening the hardware", "waiting for the first frame"])
+def test_sigterm_during_warm_up_stops_within_a_second(tmp_path: Path, systemd: FakeSystemd, phase: str) -> None:
+    config, path = config_for_tests(tmp_path)
+    rig = TwinRig()
+    rig.pause_frames.set()
+    time.sleep(0.1)
+    rig.slot.latest = None  # no frame will come
+
+    def build(config, stack):
+        if phase == "opening the hardware":
+            time.sleep(30)  # a simulator that does not answer
+        return rig, rig
+
+    supervisor = Daemon(config, config_path=path, build=build)
+    marks: dict[str, float] = {}
+
+    def script() -> None:
+        time.sleep(1.5)
+        marks["term"] = time.monotonic()
+
+    started = time.monotonic()
+    code = run_supervisor(supervisor, script)
+    ended = time.monotonic()
+    rig.close()
+    assert code == 0 and systemd.first("READY=1") is None
+    assert ended - marks["term"] < 1.0, f"took {ended - marks['term']:.2f} s after SIGTERM"
+    assert ended - started < 5
+
+
+def test_a_config_that_is_not_utf8_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes("[drive]\nmode = \"caf\u00e9\"\n".encode("latin-1"))
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(bad)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 78
+    assert f"{bad}: not UTF-8 text" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bad_config_exits_78_without_ready(tmp_path: Path, systemd: FakeSystemd) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[drive]\nrate_hz = -5\n")

@@ -322,6 +322,7 @@ class DriveCore:
             start = clock()
             frame, camera_error, tick = self._wait_for_cycle(last_seq, frame_time, last_cycle)
             now = last_cycle = clock()
+            self.alive_until = now + self.deadman_limit  # awake: this cycle must finish within the limit
             row = metrics.row()
             row[INDEX["start"]] = now
             row[INDEX["wait_ms"]] = (now - start) * 1e3

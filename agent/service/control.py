@@ -29,8 +29,20 @@ def _agent_pid(state: SafetyState) -> int | None:
     return pid if b"donkey-agent" in cmdline or b"agent.cli" in cmdline else None
 
 
-def estop(config: AgentConfig) -> tuple[int, str]:
+SYSTEM_STATE = Path("/var/lib/donkey-agent")  # the shipped unit's StateDirectory=
+
+
+def _state(config: AgentConfig) -> SafetyState:
+    """This config's state; from a shell (no $STATE_DIRECTORY), the service's own when that is the one in use."""
     state = SafetyState(state_directory(config))
+    system = SafetyState(SYSTEM_STATE)
+    if config.state.directory is None and not state.path.exists() and system.path.exists():
+        return system
+    return state
+
+
+def estop(config: AgentConfig) -> tuple[int, str]:
+    state = _state(config)
     pid = _agent_pid(state)
     if pid is None:
         return 1, f"donkey-agent estop: no running agent found for {state.directory}"
@@ -42,7 +54,7 @@ def estop(config: AgentConfig) -> tuple[int, str]:
 
 
 def faults(config: AgentConfig, action: str, names: list[str]) -> tuple[int, str]:
-    state = SafetyState(state_directory(config))
+    state = _state(config)
     if action == "show":
         saved = state.load()
         if saved.problem:

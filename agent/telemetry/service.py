@@ -39,6 +39,7 @@ from agent.config import TelemetryConfig
 from agent.core.commands import Command, CommandLane
 from agent.core.handoff import Event
 from agent.core.stops import StopSource
+from agent.errors import AgentError
 from agent.telemetry import commands, homeassistant, topics
 from agent.telemetry.commands import SeenIds
 from agent.telemetry.outbox import Outbox
@@ -50,8 +51,11 @@ EVENT_BATCH = 20  # events published per pump tick (rate limit after a reconnect
 PUMP_INTERVAL = 0.05
 ANSWER_GRACE_S = 0.5  # after a command's expiry, before "timeout" is answered (the core refuses it by then)
 INBOUND_CAPACITY = 256
-INBOUND_RATE_PER_S = 50.0  # non-e-stop messages processed per second (burst INBOUND_CAPACITY)
 FAILED_ANSWERS_PER_S = 20.0  # answers to refused commands; beyond this they are counted, not answered
+
+
+class FleetLinkError(AgentError, RuntimeError):
+    """The fleet link cannot start as configured (TLS files...): the message names the key."""
 
 
 @dataclass
@@ -106,9 +110,8 @@ class TelemetryService:
         self._refused: set[str] = set()  # events the broker refused on this connection
         self._inbound: deque[Inbound] = deque()
         self._drain_scheduled = False
-        self._inbound_budget = TokenBucket(INBOUND_RATE_PER_S, INBOUND_CAPACITY)
         self._answer_budget = TokenBucket(FAILED_ANSWERS_PER_S, FAILED_ANSWERS_PER_S)
-        self.counters = {"inbound_dropped": 0, "inbound_rate_limited": 0, "unanswered": 0, "refused": 0}
+        self.counters = {"inbound_dropped": 0, "unanswered": 0, "refused": 0}
         self._seq = 0
         self.closed = False
         self.client = self._make_client()  # TLS files are read here: a missing one fails construction
@@ -121,10 +124,7 @@ class TelemetryService:
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"donkey-{self.config.car_id}",
                              protocol=protocol)
         if url.scheme == "mqtts":
-            context = ssl.create_default_context(cafile=str(self.config.ca) if self.config.ca else None)
-            if self.config.cert is not None:
-                context.load_cert_chain(str(self.config.cert), str(self.config.key) if self.config.key else None)
-            client.tls_set_context(context)
+            client.tls_set_context(self._tls_context())
         if self.config.username:
             client.username_pw_set(self.config.username, self.config.password)
         client.will_set(self.topics.state, json.dumps(topics.will(self.config.car_id)), qos=1, retain=True)
@@ -137,6 +137,20 @@ class TelemetryService:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         return client
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """The TLS context; a file that cannot be used is named with its config key."""
+        config = self.config
+        for key, path in (("ca", config.ca), ("cert", config.cert), ("key", config.key)):
+            if path is not None and not path.is_file():
+                raise FleetLinkError(f"telemetry.{key}: {path}: no such file")
+        try:
+            context = ssl.create_default_context(cafile=str(config.ca) if config.ca else None)
+            if config.cert is not None:
+                context.load_cert_chain(str(config.cert), str(config.key) if config.key else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise FleetLinkError(f"telemetry.ca/cert/key: {exc}") from None
+        return context
 
     def _call(self, callback: Any, *args: Any) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -193,7 +207,7 @@ class TelemetryService:
         self.connected.set()
 
     def _disconnected(self, reason: str) -> None:
-        if self.connected.is_set():
+        if self.connected.is_set() and not self.closed:
             log.warning("disconnected from the broker (%s); reconnecting", reason)
         self.connected.clear()
 
@@ -231,11 +245,7 @@ class TelemetryService:
     def _drain_inbound(self) -> None:
         self._drain_scheduled = False
         while self._inbound:
-            item = self._inbound.popleft()
-            if not item.press and not self._inbound_budget.take():
-                self.counters["inbound_rate_limited"] += 1
-                continue
-            self._command(item)
+            self._command(self._inbound.popleft())
 
     def _command(self, item: Inbound) -> None:
         """A command from the fleet: validate, answer init, hand it to the core, track the outcome."""
@@ -327,6 +337,7 @@ class TelemetryService:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(info.wait_for_publish, 2.0)
             self.closed = True
+            log.info("fleet link closed: %s", ", ".join(f"{k} {v}" for k, v in self.counters.items()))
             self.client.disconnect()
             self.client.loop_stop()
             self.outbox.close()

@@ -57,9 +57,20 @@ def telemetry(seq: int, status: dict[str, Any], platform: dict[str, Any]) -> dic
         "period_error_max_ms": period.get("max", 0.0),
         "deadline_misses": status["deadline_misses"],
         "faults": status["faults"],
+        "latched": status.get("latched", []),
+        "max_throttle": status.get("max_throttle", 0.0),
         "frame_age_ms": status.get("frame_age_ms", {}).get("p50", 0.0),
+        "recording": bool(status.get("recording", False)),
+        "commands_refused": sum(lane.get("refused_full", 0) + lane.get("refused_rate", 0)
+                                for lane in status.get("commands", {}).values()),
         **platform,
     }
+    if status.get("estop_held_by"):
+        values["estop_held_by"] = status["estop_held_by"]
+    recording = status.get("recording_stats")
+    if recording:
+        values["recording_written"] = int(recording.get("written", 0))
+        values["recording_lost"] = int(recording.get("lost", 0))
     return {"version": PAYLOAD_VERSION, "seq": seq, "ts": now_ms(), "values": values}
 
 
