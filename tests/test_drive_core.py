@@ -10,8 +10,8 @@ import pytest
 
 from agent.config import DriveConfig, RealtimeConfig
 from agent.core import drive
-from agent.core.drive import DriveCore, DriveParts
 from agent.core.commands import ClearFault, SetMode
+from agent.core.drive import DriveCore, DriveParts
 from agent.core.metrics import INDEX
 from agent.pilot import Autopilot
 from tests.fakes.parts import TwinRig, wait_for

@@ -27,6 +27,17 @@ def scrape(port: int, path: str = "/metrics") -> tuple[int, str]:
         return 0, ""
 
 
+def raw_request(port: int, request: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def sample(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match is not None, name
@@ -48,12 +59,18 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         time.sleep(1.0)
         status, second = scrape(port)
         missing, _ = scrape(port, "/other")
+        huge = raw_request(port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")  # over the 64 KiB line limit
+        headers = raw_request(port, b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n")
+        after, _ = scrape(port)
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
         twin.send_signal(signal.SIGTERM)
         twin.wait(20)
-    assert status == 200 and missing == 404
+    assert status == 200 and missing == 404 and after == 200
+    assert huge.startswith(b"HTTP/1.1 431") and headers.startswith(b"HTTP/1.1 200")  # a header flood is bounded
+    _, log = agent.communicate(timeout=10)
+    assert "Traceback" not in log
     assert "# TYPE donkey_period_error_ms histogram" in second
     cycles_before, cycles_after = sample(first, "donkey_loop_cycles_total"), sample(second, "donkey_loop_cycles_total")
     assert cycles_after >= cycles_before + 10  # a counter that counts (about 20 per second)

@@ -79,7 +79,7 @@ class SetMaxThrottle(Command):
 
 @dataclass(slots=True, kw_only=True)
 class ClearFault(Command):
-    fault: Fault | None = None  # None: every latched fault
+    fault: Fault | str | None = None  # a name is checked and becomes a Fault; None: every latched fault
     name: ClassVar[str] = "clear_fault"
 
     def __post_init__(self) -> None:

@@ -67,7 +67,7 @@ class Decider:
         self.events = events
         self.can_record = can_record
         self.pilot: Pilot | None = None  # set by the drive thread once the model has loaded
-        self.mode = config.mode
+        self.mode: str = config.mode
         self.max_throttle = config.max_throttle
         self.recording = can_record  # a `record` command turns it off and on
         self.pilot_output = (0.0, 0.0)
@@ -95,7 +95,8 @@ class Decider:
         if self.faults.latched and self._would_move(command):
             return Outcome(False, "refused: a fault is latched (clear it first)")
         if isinstance(command, ClearFault):
-            refused = self.faults.clear(command.fault, received=command.received, now=now, source=command.source,
+            fault = Fault(command.fault) if command.fault is not None else None  # checked at construction
+            refused = self.faults.clear(fault, received=command.received, now=now, source=command.source,
                                         held_by=held_by)
             return Outcome(not refused, "; ".join(refused))
         if isinstance(command, SetMode):

@@ -110,22 +110,25 @@ def parse(name: str, payload: bytes, *, now: float, received: float, seen: SeenI
 
 
 def _command(name: str, value: Any, identifier: str, received: float, expires: float) -> Command | None:
-    envelope = {"source": "mqtt", "id": identifier, "received": received, "expires": expires}
     if name in ("estop", "ping"):
         if value is not None:
             raise CommandError(f"{name} takes no value")
         return None
+    command: Command
     if name == "set_mode":
-        return SetMode(mode=value, **envelope)
-    if name == "set_max_throttle":
-        return SetMaxThrottle(value=value, **envelope)
-    if name == "record":
+        command = SetMode(mode=value)
+    elif name == "set_max_throttle":
+        command = SetMaxThrottle(value=value)
+    elif name == "record":
         if value not in ("start", "stop"):
             raise CommandError("value must be 'start' or 'stop'")
-        return Record(on=value == "start", **envelope)
-    if value is not None and not isinstance(value, str):
-        raise CommandError("value must be a fault name, or absent for all latched faults")
-    return ClearFault(fault=value, **envelope)
+        command = Record(on=value == "start")
+    else:
+        if value is not None and not isinstance(value, str):
+            raise CommandError("value must be a fault name, or absent for all latched faults")
+        command = ClearFault(fault=value)
+    command.source, command.id, command.received, command.expires = "mqtt", identifier, received, expires
+    return command
 
 
 class SeenIds:
