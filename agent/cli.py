@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr if code else sys.stdout)
         return code
     if args.command == "tub":
-        if not (args.path / "manifest.json").exists():
+        if args.path.is_dir() and not (args.path / "manifest.json").exists():
             print(f"donkey-agent tub info: {args.path}: no records here (no manifest.json): nothing was recorded, "
                   "or the disk was full for the whole recording", file=sys.stderr)
             return 1

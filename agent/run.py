@@ -100,6 +100,7 @@ class Daemon:
         self.recorder: TubRecorder | None = None
         self.keeper: StateKeeper | None = None
         self.reload_lane = CommandLane("reload", capacity=4)
+        self.link: Any = None  # the simulator link (TwinLink) when driving a simulator: its counters are reported
         self.watchdog_withheld = ""
 
     def request_stop(self, reason: str) -> None:
@@ -168,6 +169,7 @@ class Daemon:
                 log.info("stopped (%s) while opening the hardware", self.reason)
                 return EXIT_OK
             camera, actuators = parts
+            self.link = getattr(camera, "link", None) or getattr(actuators, "link", None)  # the twin's, if any
             recorder = self._open_recorder(stack)
             make_pilot = None
             if config.autopilot.model is not None:
@@ -268,6 +270,14 @@ class Daemon:
                  "period error p99 %s ms", self.reason or "drive core ended", summary["cycles"],
                  summary["deadline_misses"], summary["frames_missed"], summary["frames_dropped"],
                  summary.get("period_error_ms", {}).get("p99"))
+        if self.link is not None:
+            link = self.link.stats()
+            bad = sum(link["bad_messages"].values()) + sum(link["framing"].values())
+            if bad or link["reconnects"] or link["writes_dropped"]:
+                log.warning("simulator link: %d reconnects, %d bad messages dropped (%s), %d writes dropped while "
+                            "disconnected", link["reconnects"], bad,
+                            ", ".join(f"{k} {v}" for k, v in {**link["bad_messages"], **link["framing"]}.items() if v)
+                            or "none", link["writes_dropped"])
         if self.recorder is not None:
             self.recorder.close()  # idempotent (the stack closes it again): the counts are final now
             stats = self.recorder.stats()
@@ -292,6 +302,12 @@ class Daemon:
             stats = self.recorder.stats()
             metrics.update({f"donkey_recording_{k}": float(v) for k, v in stats.items()
                             if isinstance(v, int | float) and not isinstance(v, bool)})
+        if self.link is not None:
+            link = self.link.stats()
+            metrics.update({"donkey_sim_link_connected": float(link["connected"]),
+                            "donkey_sim_link_reconnects_total": float(link["reconnects"]),
+                            "donkey_sim_link_bad_messages_total": float(sum(link["bad_messages"].values())),
+                            "donkey_sim_link_writes_dropped_total": float(link["writes_dropped"])})
         return metrics
 
     def drain_events(self) -> None:

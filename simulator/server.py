@@ -148,6 +148,8 @@ class CarSession:
             ("oversized message", stats.oversized,
              f"an object over {self.splitter.max_object_bytes} bytes was skipped"),
             ("stray bytes", stats.garbage_bytes, "bytes outside any JSON object were skipped"),
+            ("nested too deep", stats.too_deep, "an object nested deeper than the cap was skipped"),
+            ("resynchronised", stats.resyncs, "a broken object was dropped at the next line"),
         ):
             seen = self._counts.get(kind, 0)
             if count > seen:

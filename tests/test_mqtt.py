@@ -151,7 +151,7 @@ def test_command_state_machine_end_to_end(tmp_path: Path) -> None:
         send("set_mode", {"id": "old", "value": "user", "exp": time.time() - 10})
         send("launch", {"id": "l1"})
         send("ping", {"id": "p1"})
-        time.sleep(0.5)  # past the e-stop's minimum hold (1 s): the clear counts
+        time.sleep(1.2)  # past the minimum hold (1 s) of the newest e-stop (the duplicate pressed again: safe)
         send("clear_fault", {"id": "c1"})
         time.sleep(1.5)
         states: dict[str, list[dict]] = {}

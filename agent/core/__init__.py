@@ -1,5 +1,6 @@
-"""The drive core: one real-time thread from camera to actuators, with its safety supervisor.
+"""The drive core: one real-time thread from camera to actuators, with its fault monitor.
 
 Nothing here imports asyncio or touches the network; other threads talk to the core through
-bounded, lock-free handoffs (``CommandQueue`` in, ``EventQueue`` and ``LoopMetrics`` out).
+bounded, lock-free handoffs: the ``StopBoard`` and per-source ``CommandLane``s in, the
+``DriveStatus`` snapshot, ``EventQueue`` and ``LoopMetrics`` out.
 """

@@ -139,7 +139,9 @@ class Decider:
 
     @property
     def wants_pilot(self) -> bool:
-        return self.mode in NEEDS_PILOT and self.pilot is not None
+        """Run the model this cycle: a mode that uses it, and no latched fault (whose neutral needs no
+        model and clears only by command; a transient fault keeps the model running to see it recover)."""
+        return self.mode in NEEDS_PILOT and self.pilot is not None and not self.faults.latched
 
     # -- phase 2: decide ----------------------------------------------------------------------------
     def decide(self, inputs: CycleInputs) -> Decision:

@@ -20,10 +20,12 @@ period, so a dead or hostile camera cannot make the thread spin.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.config import DriveConfig
@@ -162,6 +164,17 @@ class DriveCore:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def thread_cpu_s(self) -> float:
+        """CPU seconds the drive thread has used, from the kernel (utime + stime); 0 when unknown."""
+        tid = self._thread.native_id
+        if tid is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def submit(self, command: Command) -> str:
         """Hand a command to the core from the local lane; "" on success, else why it was refused."""
         return self.local_commands.submit(command)
@@ -208,6 +221,7 @@ class DriveCore:
             "throttle": snapshot.throttle,
             "events_dropped": self.events.dropped,
             "deadman_trips": self.deadman.trips,
+            "drive_thread_cpu_s": round(self.thread_cpu_s(), 2),
             "commands": self.lanes.stats(),
             **self.metrics.summary(200),
         }

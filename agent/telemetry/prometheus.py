@@ -90,6 +90,10 @@ class MetricsExporter:
                [f"donkey_frames_dropped_total {metrics.frames_dropped}"])
         metric("donkey_missed_periods_total", "counter", "Timer-paced periods skipped because the loop was late.",
                [f"donkey_missed_periods_total {self.core.keeper.missed_periods if self.core.keeper else 0}"])
+        metric("donkey_drive_thread_cpu_seconds_total", "counter", "CPU time of the drive thread (kernel accounting).",
+               [f"donkey_drive_thread_cpu_seconds_total {self.core.thread_cpu_s():.2f}"])
+        metric("donkey_deadman_trips_total", "counter", "Times the dead-man monitor wrote neutral for a stalled core.",
+               [f"donkey_deadman_trips_total {self.core.deadman.trips}"])
         metric("donkey_metrics_rows_lost_total", "counter", "Loop rows overwritten before this exporter read them.",
                [f"donkey_metrics_rows_lost_total {self.rows_lost}"])
         for name, (_, help_text) in HISTOGRAMS.items():

@@ -266,6 +266,7 @@ class TelemetryService:
             return
         assert parsed.id is not None
         if name == "ping":
+            self._respond(name, parsed.id, "init")
             self._respond(name, parsed.id, "successful", result={"pong": topics.now_ms()})
             return
         assert parsed.command is not None

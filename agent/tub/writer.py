@@ -86,6 +86,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from agent.errors import AgentError
+
 STANDARD_INPUTS = ("cam/image_array", "user/angle", "user/throttle", "user/mode")
 STANDARD_TYPES = ("image_array", "float", "float", "str")
 SUPPORTED_TYPES = {"float", "int", "str", "boolean", "nparray", "list", "vector", "image_array", "gray16_array"}
@@ -98,7 +100,7 @@ SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # errors that pass when 
 EncodedImage = tuple[str, bytes]  # file name, encoded bytes
 
 
-class TubFormatError(ValueError):
+class TubFormatError(AgentError, ValueError):
     """A tub on disk, or a record, that this writer cannot use; the message says why."""
 
 
