@@ -260,3 +260,11 @@ def test_the_file_backed_bus_keeps_registers_across_processes(tmp_path: Path,
     led = [(w.pid, w.led()) for w in read_log(tmp_path) if w.led()]
     assert [channels for _, channels in led][-4:] == [[(0, 500)], [(1, CENTRE)], [(0, STOPPED)], [(1, CENTRE)]]
     assert {pid for pid, _ in led} == {os.getpid()}
+
+
+def test_steering_and_throttle_on_one_channel_is_a_config_error() -> None:
+    from agent.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"actuators.pca9685: Value error, steering_channel and throttle_channel "
+                                          r"are both 3"):
+        validate({"actuators": {"pca9685": {"steering_channel": 3, "throttle_channel": 3}}}, "agent.toml")
