@@ -59,7 +59,10 @@ demo() {
     local twin=$!
     trap 'kill -TERM $twin 2>/dev/null || true' EXIT
     say "donkey-agent drives for ${seconds}s with the shipped autopilot (models/pilot.tflite); Ctrl-C stops it safely"
-    "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds" \
+    # The demo's car keeps its safety state (latched faults, how the last run ended) in out/demo-state, fresh
+    # each time: a demo interrupted the hard way must not hold the next one at neutral. A real car keeps its own.
+    rm -rf out/demo-state
+    XDG_STATE_HOME="$PWD/out/demo-state" "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds" \
         --record out/demo-tub
     kill -TERM "$twin"
     wait "$twin" || true

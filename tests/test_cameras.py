@@ -65,3 +65,23 @@ def test_frame_slot_wakes_a_waiting_reader() -> None:
     assert slot.read(1, 0.05) is None  # nothing newer
     slot.close()
     assert slot.read(1, 5.0) is None  # closed: returns at once
+
+
+def test_a_capture_error_never_ends_the_camera_thread(tmp_path: Path) -> None:
+    with TubWriter(tmp_path / "tub") as writer:
+        for i in range(3):
+            writer.write({"cam/image_array": np.full((120, 160, 3), 40 * i, np.uint8), "user/angle": 0.0,
+                          "user/throttle": 0.0, "user/mode": "user"})
+    broken = sorted((tmp_path / "tub" / "images").iterdir())[1]
+    broken.write_bytes(b"not a jpeg")  # a corrupt file on the card
+    camera = TubReplayCamera(tmp_path / "tub", fps=50)
+    try:
+        first = camera.read(0, 2.0)
+        assert first is not None
+        time.sleep(0.5)  # the second image fails: the thread records it, waits and captures again
+        assert camera.errors >= 2 and "UnidentifiedImageError" in str(camera.error)
+        assert camera._thread.is_alive()
+        again = camera.read(first.seq, 2.0)  # frames keep coming (the first image, each time round)
+        assert again is not None and again.seq > first.seq
+    finally:
+        camera.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,8 @@ from PIL import Image
 from agent.hw.interfaces import Frame
 from agent.hw.slot import LatestSlot
 
+log = logging.getLogger(__name__)
+
 
 class FrameSlot(LatestSlot[Frame]):
     """Numbers frames as they are published."""
@@ -30,14 +33,35 @@ class FrameSlot(LatestSlot[Frame]):
 
 
 class _ThreadedCamera:
+    """A capture thread that never dies of an error: it records it, waits (0.1 s doubling to 5 s)
+    and captures again. Meanwhile no frame arrives, so the drive core's stale-frame fault holds
+    the car at neutral."""
+
     def __init__(self, name: str) -> None:
         self.slot = FrameSlot()
         self._stop = threading.Event()
         self.error: str | None = None
-        self._thread = threading.Thread(target=self._capture_loop, name=name, daemon=True)
+        self.errors = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def _start(self) -> None:
         self._thread.start()
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                self._capture_loop()
+                return  # ended by itself (stop, or the end of a tub that does not loop)
+            except Exception as exc:
+                self.errors += 1
+                self.error = f"{type(exc).__name__}: {exc}"
+                if self.errors == 1:
+                    log.error("camera %s failed (%s); capturing again in %.1f s", self._thread.name, self.error,
+                              backoff)
+                if self._stop.wait(backoff):
+                    return
+                backoff = min(5.0, backoff * 2)
 
     def _capture_loop(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -103,6 +103,8 @@ class FleetLink:
                     raise RuntimeError("the MQTT service ended by itself")
             except Exception as exc:
                 self.failures += 1
+                while isinstance(exc, ExceptionGroup) and exc.exceptions:  # a TaskGroup's: name the cause
+                    exc = exc.exceptions[0]
                 why = f"{type(exc).__name__}: {exc}"
                 self.last_failure = why
                 log.error("the fleet link failed (%s); driving continues, retrying in %.0f s", why, backoff)
