@@ -16,6 +16,7 @@ What it measures, from outside the agent's process where it can:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -157,7 +158,7 @@ directory = "{work / 'state'}"
 def share(samples: list[dict[str, Any]], phase: str, key: str) -> float:
     """CPU share of one core over the consecutive sample pairs that are both in ``phase``."""
     used = spent = 0.0
-    for a, b in zip(samples, samples[1:], strict=False):
+    for a, b in itertools.pairwise(samples):
         if a["phase"] == b["phase"] == phase and b["estop"] == (1.0 if phase == "faulted" else 0.0):
             used += b[key] - a[key]
             spent += b["t"] - a["t"]
@@ -200,11 +201,11 @@ def plot(samples: list[dict[str, Any]], path: Path) -> None:
     top.plot(t, [s["rss_mb"] for s in samples], color="tab:blue")
     top.set_ylabel("agent RSS (MB)")
     rates = [0.0] + [100 * (b["drive_cpu_s"] - a["drive_cpu_s"]) / (b["t"] - a["t"])
-                     for a, b in zip(samples, samples[1:], strict=False)]
+                     for a, b in itertools.pairwise(samples)]
     bottom.plot(t, rates, color="tab:orange")
     bottom.set_ylabel("drive thread CPU (%)")
     bottom.set_xlabel("minutes")
-    for s0, s1 in zip(samples, samples[1:], strict=False):
+    for s0, s1 in itertools.pairwise(samples):
         if s0["phase"] == "faulted":
             for axis in (top, bottom):
                 axis.axvspan(s0["t"] / 60, s1["t"] / 60, color="tab:red", alpha=0.1, lw=0)

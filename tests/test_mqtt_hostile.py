@@ -61,6 +61,7 @@ def test_a_flood_cannot_bury_an_estop_or_clear_it_early(tmp_path: Path) -> None:
         assert wait_for(lambda: retained(broker, f"{base}/state").get("state") == "online", 30, interval=0.2)
         results = broker.subscribe(f"{base}/cmd/+/+/res")
         watch = broker.subscribe(f"{base}/telemetry")
+        events = broker.subscribe(f"{base}/events", "-q", "1")
         time.sleep(1.0)
         client.publish(f"{base}/cmd/set_mode", b'{"id": "n1", "value": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                        qos=1)  # nested and oversized
@@ -78,6 +79,7 @@ def test_a_flood_cannot_bury_an_estop_or_clear_it_early(tmp_path: Path) -> None:
         estopped = telemetry_values(mosquitto.collect(watch))
         client.publish(f"{base}/cmd/clear_fault", json.dumps({"id": "late-1"}), qos=1)  # after the hold
         time.sleep(2.0)
+        event_kinds = [conforms("event", json.loads(p))["kind"] for _, p in mosquitto.collect(events)]
         states: dict[str, list[dict]] = {}
         for topic, payload in mosquitto.collect(results):
             states.setdefault(topic.split("/")[-2], []).append(json.loads(payload))
@@ -99,6 +101,7 @@ def test_a_flood_cannot_bury_an_estop_or_clear_it_early(tmp_path: Path) -> None:
                                                                                  for v in estopped[-5:])
     assert states["early-1"][-1]["status"] == "failed" and "holds for at least" in states["early-1"][-1]["reason"]
     assert states["late-1"][-1]["status"] == "successful"
+    assert {"estop", "fault", "fault_cleared", "command"} <= set(event_kinds)  # the fleet's audit trail
     # every flooded command has an answer or was counted: refused ones say why
     answered = [k for k in states if k[0] in "fg"]
     refused = [k for k in answered if states[k][-1]["status"] == "failed"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.tub import TubRecorder, TubWriter
-from agent.tub import writer as writer_module
+from agent.tub import commit as writer_module
 from tests.conftest import import_donkeycar_tub, read_with_donkeycar
 from tests.test_tub import record
 

@@ -14,147 +14,55 @@ dropped and counted by reason, the first of each kind logged once. Sends never b
 caller (the drive thread) for more than ``send_timeout``: a send that cannot complete in
 that time means the simulator is not reading, and the connection is declared broken. When
 the reader ends, for any reason, it shuts the socket down, closes it and records why.
+Field checks and image decoding are in ``telemetry``; the socket and its bounded sends, in ``transport``.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
-import io
 import logging
-import math
 import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-from PIL import Image
-
-from agent.errors import AgentError
 from agent.hw.donkeysim import DEFAULT_PORT
-from agent.hw.donkeysim.framing import JsonObjectSplitter, ProtocolError, encode, get_float
+from agent.hw.donkeysim.framing import JsonObjectSplitter, encode
+from agent.hw.donkeysim.telemetry import (
+    IMAGE_FORMATS,
+    IMU_FIELDS,
+    MESSAGE_HEADROOM,
+    NUMBER_FIELDS,
+    BadMessageError,
+    Telemetry,
+    decode_image,
+    max_image_b64,
+    parse_numbers,
+)
+from agent.hw.donkeysim.transport import (
+    SEND_BUFFER_BYTES,
+    SimDisconnectedError,
+    SimError,
+    SimSendError,
+    configure_socket,
+    open_socket,
+    send_within,
+)
 from agent.hw.slot import LatestSlot
+
+__all__ = [  # the names this module has always offered, wherever they are defined now
+    "DEFAULT_SEND_TIMEOUT", "DEFAULT_SILENCE_TIMEOUT", "IMAGE_FORMATS", "IMU_FIELDS", "MESSAGE_HEADROOM",
+    "NUMBER_FIELDS", "POLL_MS", "RECV_BYTES", "SEND_BUFFER_BYTES", "BadMessageError", "SimClient",
+    "SimDisconnectedError", "SimError", "SimSendError", "Telemetry", "decode_image", "max_image_b64", "parse_numbers",
+]
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 64 * 1024  # per read: scanning one read holds the GIL well under a millisecond
 DEFAULT_SEND_TIMEOUT = 0.005  # s a send may wait for room in the socket buffer
 DEFAULT_SILENCE_TIMEOUT = 5.0  # s without a byte from a simulator that has loaded our car
-SEND_BUFFER_BYTES = 32 * 1024  # small, so a simulator that stops reading is noticed in seconds
 POLL_MS = 250  # how often the reader looks at the clock while nothing arrives
-MESSAGE_HEADROOM = 64 * 1024  # bytes for the fields around the image(s)
-IMAGE_FORMATS = ("JPEG", "PNG", "TGA")  # what cam_config's img_enc can ask for
-IMU_FIELDS = ("accel_x", "accel_y", "accel_z", "gyro_x", "gyro_y", "gyro_z")
-NUMBER_FIELDS = (
-    "steering_angle", "throttle", "speed", "time", "cte", "activeNode", "totalNodes",
-    "pos_x", "pos_y", "pos_z", "vel_x", "vel_y", "vel_z", "pitch", "yaw", "roll", *IMU_FIELDS,
-)
-
-
-class SimError(AgentError, ConnectionError):
-    """The simulator could not be reached, refused the handshake or went away."""
-
-
-class SimDisconnectedError(SimError):
-    """Nothing was sent: the client is not connected (not yet, no longer, or closed)."""
-
-
-class SimSendError(SimError):
-    """A live connection could not take a send (the simulator is not reading, or the socket failed).
-
-    The connection is closed when this is raised.
-    """
-
-
-class BadMessageError(Exception):
-    """Why one message from the simulator was dropped: ``reason`` is the counter's key."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class Telemetry:
-    """One good telemetry message: every field the agent uses has been checked and parsed."""
-
-    seq: int  # increases by one per telemetry message published
-    received: float  # time.monotonic() when the message was parsed
-    image: NDArray[np.uint8]  # (H, W, 3) RGB, the configured camera size
-    fields: dict[str, Any] = field(repr=False)  # the message as sent, without the images
-    image_b: NDArray[np.uint8] | None = None
-    numbers: Mapping[str, float] = field(default_factory=dict, repr=False)  # finite floats, parsed on arrival
-
-    @property
-    def imu(self) -> tuple[float, float, float, float, float, float]:
-        """accel_x/y/z, gyro_x/y/z as floats (0.0 where the simulator does not send one)."""
-        n = self.numbers
-        return (n.get("accel_x", 0.0), n.get("accel_y", 0.0), n.get("accel_z", 0.0),
-                n.get("gyro_x", 0.0), n.get("gyro_y", 0.0), n.get("gyro_z", 0.0))
-
-    def number(self, key: str, default: float = 0.0) -> float:
-        """A numeric field; never raises (fields outside NUMBER_FIELDS are parsed here, leniently)."""
-        if key in self.numbers:
-            return self.numbers[key]
-        try:
-            return get_float(self.fields, key, default)
-        except ProtocolError:
-            return default
-
-
-def max_image_b64(width: int, height: int) -> int:
-    """Base64 length of the largest frame a width x height camera can send.
-
-    Worst case is an uncompressed image: TGA (raw plus a header) or PNG of noise (raw plus a
-    filter byte per row and deflate's stored-block overhead); a quarter on top covers both and
-    a JPEG of noise at high quality.
-    """
-    raw = width * height * 3
-    encoded = raw + raw // 4 + 4096
-    return 4 * math.ceil(encoded / 3)
-
-
-def decode_image(data: object, size: tuple[int, int] | None = None) -> NDArray[np.uint8]:
-    """Base64 JPEG/PNG/TGA to an (H, W, 3) uint8 RGB array; raises BadMessageError.
-
-    With ``size`` (width, height), the image's header is read first and anything else is
-    refused before a pixel is decoded, so a small file that claims a huge image (a
-    decompression bomb) costs nothing. Pillow's own bomb guard is caught too.
-    """
-    if not isinstance(data, str):
-        raise BadMessageError("bad_field:image", f"not a string: {data!r:.40}")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise BadMessageError("bad_image", f"not base64: {exc}") from None
-    try:
-        with Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS) as image:
-            if size is not None and image.size != size:
-                raise BadMessageError("image_size", f"{image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
-            return np.asarray(image.convert("RGB"))
-    except Image.DecompressionBombError as exc:
-        raise BadMessageError("image_size", f"refused by Pillow: {exc}") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what Pillow raises for corrupt data
-        raise BadMessageError("bad_image", f"{type(exc).__name__}: {exc}") from None
-
-
-def parse_numbers(message: dict[str, Any]) -> dict[str, float]:
-    """The numeric fields the agent uses: finite numbers, or numeric strings; raises BadMessageError."""
-    numbers: dict[str, float] = {}
-    for key in NUMBER_FIELDS:
-        if key in message:
-            try:
-                numbers[key] = get_float(message, key)
-            except ProtocolError as exc:
-                raise BadMessageError(f"bad_field:{key}", str(exc)) from None
-    return numbers
 
 
 class SimClient:
@@ -229,8 +137,8 @@ class SimClient:
         if self._sock is not None or self._closing.is_set():
             raise SimDisconnectedError("a SimClient connects once; make a new one")
         deadline = time.monotonic() + self.connect_timeout
-        sock = self._open(deadline)
-        self._configure(sock)
+        sock = open_socket(self.host, self.port, deadline, retry=self.retry_connect, stop=self._closing)
+        configure_socket(sock)
         self._sock = sock
         self._reader = threading.Thread(target=self._read_loop, args=(sock,), name="sim-client-reader", daemon=True)
         self._reader.start()
@@ -249,25 +157,6 @@ class SimClient:
             self.close()
             raise
         return self
-
-    def _open(self, deadline: float) -> socket.socket:
-        last_error: OSError | None = None
-        while not self._closing.is_set():  # the simulator may still be starting
-            try:
-                return socket.create_connection((self.host, self.port),
-                                                timeout=max(0.1, min(2.0, deadline - time.monotonic())))
-            except OSError as exc:
-                last_error = exc
-            if not self.retry_connect or time.monotonic() + 0.2 >= deadline:
-                break
-            self._closing.wait(0.2)
-        raise SimError(f"cannot reach the simulator at {self.host}:{self.port}: {last_error or 'closed'}")
-
-    def _configure(self, sock: socket.socket) -> None:
-        sock.setblocking(False)  # both threads wait with poll(), each with its own limit
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
 
     def close(self) -> None:
         """Stop the car (zero throttle, brake) and disconnect; idempotent, never raises."""
@@ -352,33 +241,10 @@ class SimClient:
             sock = self._sock
             if sock is None or self._down.is_set() or self._closing.is_set():
                 raise SimDisconnectedError(f"not connected to the simulator: {self.disconnect_reason or 'not open'}")
-            failure = self._send_bytes(sock, data)
+            failure = send_within(sock, data, self.send_timeout)
         if failure is not None:
             self._fail(failure)
             raise SimSendError(failure)
-
-    def _send_bytes(self, sock: socket.socket, data: bytes) -> str | None:
-        """Write all of ``data`` within ``send_timeout``; the reason it failed, or None."""
-        view = memoryview(data)
-        deadline = time.monotonic() + self.send_timeout
-        poller: select.poll | None = None
-        while view:
-            try:
-                view = view[sock.send(view):]
-            except (BlockingIOError, InterruptedError):
-                pass
-            except OSError as exc:
-                return f"send failed: {exc}"
-            if not view:
-                return None
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return f"the simulator is not reading (a send did not complete in {self.send_timeout * 1e3:.0f} ms)"
-            if poller is None:
-                poller = select.poll()
-                poller.register(sock, select.POLLOUT)
-            poller.poll(max(1, math.ceil(remaining * 1000)))
-        return None
 
     def send_control(self, steering: float, throttle: float, brake: float = 0.0) -> None:
         self.send({"msg_type": "control", "steering": f"{steering:.6f}", "throttle": f"{throttle:.6f}",
