@@ -330,6 +330,9 @@ class Daemon:
         for source in core.stops.sources:
             if source.presses > source.seen and source.last is not None and "estop" not in latched:
                 latched["estop"] = f"e-stop from {source.name}: {source.last.reason}"
+        stall = core.deadman.tripped  # the core is stuck and has not latched it yet: keep it across a restart
+        if stall:
+            latched.setdefault("drive_stall", stall)
         keeper.update(latched, snapshot.moving, time.monotonic())
 
     async def _keep_state(self) -> None:
