@@ -22,6 +22,9 @@ def test_latched_faults_round_trip_and_restore_with_their_reason(tmp_path: Path)
     assert restored_faults(saved, after_crash="hold") == {
         Fault.ESTOP: "latched before the restart: e-stop from mqtt: stop"}
     assert list(tmp_path.iterdir()) == [tmp_path / "safety.json"]  # no temporary file left
+    detail = "latched before the restart: e-stop from mqtt: stop"
+    again = SavedState(latched={"estop": detail})  # a second restart does not say it twice
+    assert restored_faults(again, after_crash="hold")[Fault.ESTOP] == detail
 
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"latched": 3}', "\x00\x01"])

@@ -33,6 +33,7 @@ log = logging.getLogger("donkey-agent.state")
 STATE_FILE = "safety.json"
 LOCK_FILE = "agent.lock"
 VERSION = 1
+RESTORED = "latched before the restart: "
 
 
 class StateLockedError(AgentError, RuntimeError):
@@ -73,7 +74,7 @@ def restored_faults(saved: SavedState, *, after_crash: str) -> dict[Fault, str]:
             fault = Fault.UNCLEAN_EXIT  # a fault this version does not know: hold rather than forget it
             why = f"unknown latched fault {name!r}: {detail}"
         if fault in LATCHED:
-            faults[fault] = f"latched before the restart: {why}"
+            faults[fault] = why if why.startswith(RESTORED) else f"{RESTORED}{why}"  # once, however many restarts
     if saved.problem:
         faults[Fault.UNCLEAN_EXIT] = f"the safety state could not be read ({saved.problem}); holding to be safe"
     run = saved.run
