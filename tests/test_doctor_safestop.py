@@ -74,3 +74,18 @@ def test_doctor_names_failures_and_fixes(tmp_path: Path) -> None:
     config.write_text("[drive]\nmode = 'turbo'\n")
     result = doctor(config)
     assert result.returncode == 1 and "FAIL  config" in result.stdout and "drive.mode" in result.stdout
+
+
+def test_doctor_warns_that_the_car_will_start_held(tmp_path: Path) -> None:
+    import json
+    import os
+
+    state = Path(os.environ["XDG_STATE_HOME"]) / "donkey-agent" / "default-car"
+    state.mkdir(parents=True)
+    (state / "safety.json").write_text(json.dumps({"version": 1, "latched": {"estop": {"detail": "e-stop from mqtt"}},
+                                                   "run": {"running": False}}))
+    config = tmp_path / "agent.toml"
+    config.write_text("[drive]\nmode = 'user'\n")
+    out = doctor(config).stdout
+    assert "WARN  safety state" in out and "the agent will start held: estop" in out
+    assert "donkey-agent faults clear" in out

@@ -32,7 +32,7 @@ def _agent_pid(state: SafetyState) -> int | None:
 SYSTEM_STATE = Path("/var/lib/donkey-agent")  # the shipped unit's StateDirectory=
 
 
-def _state(config: AgentConfig) -> SafetyState:
+def find_state(config: AgentConfig) -> SafetyState:
     """This config's state; from a shell (no $STATE_DIRECTORY), the service's own when that is the one in use."""
     state = SafetyState(state_directory(config))
     system = SafetyState(SYSTEM_STATE)
@@ -42,7 +42,7 @@ def _state(config: AgentConfig) -> SafetyState:
 
 
 def estop(config: AgentConfig) -> tuple[int, str]:
-    state = _state(config)
+    state = find_state(config)
     pid = _agent_pid(state)
     if pid is None:
         return 1, f"donkey-agent estop: no running agent found for {state.directory}"
@@ -54,7 +54,7 @@ def estop(config: AgentConfig) -> tuple[int, str]:
 
 
 def faults(config: AgentConfig, action: str, names: list[str]) -> tuple[int, str]:
-    state = _state(config)
+    state = find_state(config)
     if action == "show":
         saved = state.load()
         if saved.problem:

@@ -114,7 +114,26 @@ def run_checks(config_path: Path | None) -> list[Check]:
                                  "camera_auto_detect=1 in config.txt"))
     checks += _realtime(config)
     checks.append(_model(config))
+    checks.append(_safety_state(config))
     return checks
+
+
+def _safety_state(config: AgentConfig) -> Check:
+    """Latched faults kept across restarts: the car will start held until they are cleared."""
+    from agent.service.control import find_state
+    from agent.service.state import restored_faults
+
+    state = find_state(config)
+    saved = state.load()
+    if saved.problem:
+        return Check("safety state", FAIL, f"{saved.problem}: the agent will start held",
+                     f"inspect it, then `donkey-agent faults clear` (or remove {state.path})")
+    held = restored_faults(saved, after_crash=config.drive.after_crash)
+    if held:
+        names = ", ".join(sorted(fault.value for fault in held))
+        return Check("safety state", WARN, f"the agent will start held: {names} ({state.path})",
+                     "find out why, then clear_fault over MQTT, or `donkey-agent faults clear` while stopped")
+    return Check("safety state", PASS, f"nothing latched ({state.path})")
 
 
 def format_table(checks: list[Check]) -> str:
