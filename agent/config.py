@@ -42,7 +42,9 @@ class RealtimeConfig(Section):
 
 class DriveConfig(Section):
     rate_hz: Annotated[float, Field(gt=0, le=200)] = 20.0
-    pacing: Literal["camera", "timer"] = "camera"
+    # "locked": phase-locked to the camera's clock, the output at an adaptive offset from the predicted frame;
+    # "camera": a cycle per frame; "timer": absolute deadlines at rate_hz (docs/performance.md compares them).
+    pacing: Literal["locked", "camera", "timer"] = "camera"
     mode: Mode = "local"  # mode at start-up
     max_throttle: Fraction = 0.5
     throttle_multiplier: Annotated[float, Field(ge=0, le=5)] = 1.0  # DonkeyCar's AI_THROTTLE_MULT
@@ -51,6 +53,10 @@ class DriveConfig(Section):
     # as soon as computed: output timing no longer jitters with inference time (logical execution
     # time). Costs that constant latency; 0 actuates at once. Must be below one period.
     output_delay_ms: Annotated[float, Field(ge=0)] = 10.0
+    # Locked pacing: the output leaves at the predicted frame time plus the camera's jitter guard, the cycle's
+    # p99 compute time and this margin, never more than output_delay_max_ms (nor 80 % of a period).
+    output_margin_ms: Annotated[float, Field(ge=0)] = 0.5
+    output_delay_max_ms: Annotated[float, Field(gt=0)] = 20.0
     max_frame_age_ms: Annotated[float, Field(gt=0)] = 150.0
     inference_budget_ms: Annotated[float, Field(gt=0)] = 40.0  # an invoke slower than this is an overrun
     overrun_limit: Annotated[int, Field(ge=1)] = 3  # consecutive inference overruns before neutral

@@ -36,6 +36,7 @@ from agent.core.decide import CycleInputs, Decider, Inference
 from agent.core.faults import Fault
 from agent.core.handoff import Event, EventQueue, ManualControl
 from agent.core.metrics import INDEX, LoopMetrics
+from agent.core.pacing import make_pacer, sleep_coarse
 from agent.core.ratekeeper import RateKeeper
 from agent.core.realtime import GcControl, RealtimeReport, configure_realtime
 from agent.core.safety import FaultMonitor
@@ -46,7 +47,6 @@ from agent.pilot import Autopilot
 from agent.tub import TubRecorder
 
 FIRST_FRAME_TIMEOUT = 15.0  # s: camera start-up (a simulator may still be loading)
-MIN_SPACING = 0.5  # of a period: two cycles never start closer than this
 RECORD_INPUTS = ("cam/image_array", "user/angle", "user/throttle", "user/mode", "pilot/angle", "pilot/throttle")
 RECORD_TYPES = ("image_array", "float", "float", "str", "float", "float")
 
@@ -60,13 +60,6 @@ def sleep_until(target: float, clock: Callable[[], float]) -> None:
         time.sleep(remaining - 0.001)
     while clock() < target:
         pass
-
-
-def sleep_coarse(target: float, clock: Callable[[], float]) -> None:
-    """Sleep until about ``target`` without spinning (waiting for a period, not acting on time)."""
-    remaining = target - clock()
-    if remaining > 0:
-        time.sleep(remaining)
 
 
 class DriveStartError(AgentError, RuntimeError):
@@ -126,6 +119,7 @@ class DriveCore:
         self.deadman_limit = config.deadman_periods * self.period
         self.deadman = Deadman(self, parts.actuators, period=self.period, priority=config.realtime.priority,
                                clock=clock)
+        self.pacer = make_pacer(config, self._read, self._promise, clock, self.deadman_limit)
         self.pilot: Autopilot | None = None
         self.keeper: RateKeeper | None = None  # timer pacing: its lag and skipped periods go into status()
         self.realtime: RealtimeReport | None = None
@@ -217,6 +211,7 @@ class DriveCore:
             "estop_held_by": snapshot.estop_held_by,
             "lagging": bool(keeper and self.config.pacing == "timer" and keeper.lagging),
             "missed_periods": keeper.missed_periods if keeper else 0,
+            "pacing": {"mode": self.config.pacing, **self.pacer.status()},
             "steering": snapshot.steering,
             "throttle": snapshot.throttle,
             "events_dropped": self.events.dropped,
@@ -296,37 +291,14 @@ class DriveCore:
         except Exception as exc:
             return None, f"{type(exc).__name__}: {exc}"[:200]
 
-    def _wait_for_cycle(self, last_seq: int, frame_time: float, last_cycle: float) -> tuple[Frame | None, str, float]:
-        """Block until this cycle may start; returns the frame (or None), a camera error and the tick."""
-        clock, period = self.clock, self.period
-        if self.config.pacing == "timer":
-            keeper = self.keeper
-            assert keeper is not None
-            self.alive_until = keeper.next_deadline + self.deadman_limit
-            keeper.wait()
-            frame, error = self._read(last_seq, 0.0)
-            return frame, error, keeper.next_deadline - period
-        start = clock()
-        # Wake on the next frame, or the moment the newest one turns stale (then go neutral at
-        # once), and while stale once a period.
-        stale_at = frame_time + self.config.max_frame_age_ms / 1000.0
-        wake_by = stale_at + 0.001 if stale_at > start else max(start, last_cycle + period)
-        self.alive_until = wake_by + self.deadman_limit
-        frame, error = self._read(last_seq, wake_by - start)
-        now = clock()
-        if frame is None or frame.seq <= last_seq:
-            if now < wake_by:  # the camera gave up early (closed, failing): wait out the period
-                sleep_coarse(wake_by, clock)
-        elif now < last_cycle + MIN_SPACING * period:
-            sleep_coarse(last_cycle + MIN_SPACING * period, clock)
-        return frame, error, 0.0
+    def _promise(self, moment: float) -> None:
+        self.alive_until = moment
 
     def _loop(self, first: Frame) -> None:
-        config, clock, decider, metrics = self.config, self.clock, self.decider, self.metrics
+        clock, decider, metrics, pacer = self.clock, self.decider, self.metrics, self.pacer
         period = self.period
-        timer_paced = config.pacing == "timer"
-        output_delay = config.output_delay_ms / 1000.0
-        self.keeper = RateKeeper(config.rate_hz, clock=clock)
+        pacer.start(first)
+        self.keeper = pacer.keeper
         last_seq, frame_time = first.seq, first.timestamp
         previous_actuation = last_cycle = clock()
         decider.restart_ramp(previous_actuation)
@@ -334,7 +306,8 @@ class DriveCore:
         while not self._stop.is_set():
             # 1. read inputs
             start = clock()
-            frame, camera_error, tick = self._wait_for_cycle(last_seq, frame_time, last_cycle)
+            wake = pacer.wait(last_seq, frame_time, last_cycle)
+            frame, camera_error = wake.frame, wake.camera_error
             now = last_cycle = clock()
             self.alive_until = now + self.deadman_limit  # awake: this cycle must finish within the limit
             row = metrics.row()
@@ -357,11 +330,10 @@ class DriveCore:
 
             # 3. publish
             computed = clock()
-            if output_delay > 0 and decision.ok:
-                # Fixed output time: the tick, or the frame's capture, plus the delay. (Neutral for a
-                # fault goes out at once.)
-                anchor = tick if timer_paced else (frame.timestamp if frame is not None and new_frame else now)
-                sleep_until(anchor + output_delay, clock)
+            if new_frame:
+                pacer.computed(computed - now)
+            if wake.output_at > computed and decision.ok:
+                sleep_until(wake.output_at, clock)  # a fixed phase; neutral for a fault goes out at once
             actuation = clock()
             steering, throttle = self._actuate(decision.steering, decision.throttle, now)
             done = clock()
