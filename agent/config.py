@@ -44,7 +44,7 @@ class DriveConfig(Section):
     rate_hz: Annotated[float, Field(gt=0, le=200)] = 20.0
     # "locked": phase-locked to the camera's clock, the output at an adaptive offset from the predicted frame;
     # "camera": a cycle per frame; "timer": absolute deadlines at rate_hz (docs/performance.md compares them).
-    pacing: Literal["locked", "camera", "timer"] = "camera"
+    pacing: Literal["locked", "camera", "timer"] = "locked"
     mode: Mode = "local"  # mode at start-up
     max_throttle: Fraction = 0.5
     throttle_multiplier: Annotated[float, Field(ge=0, le=5)] = 1.0  # DonkeyCar's AI_THROTTLE_MULT

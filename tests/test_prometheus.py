@@ -59,6 +59,8 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         time.sleep(1.0)
         status, second = scrape(port)
         missing, _ = scrape(port, "/other")
+        openmetrics = raw_request(port, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; "
+                                        b"version=1.0.0\r\n\r\n")
         huge = raw_request(port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")  # over the 64 KiB line limit
         headers = raw_request(port, b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 5000 + b"\r\n")
         after, _ = scrape(port)
@@ -68,6 +70,9 @@ def test_metrics_endpoint(tmp_path: Path) -> None:
         twin.send_signal(signal.SIGTERM)
         twin.wait(20)
     assert status == 200 and missing == 404 and after == 200
+    assert b"Content-Type: application/openmetrics-text" in openmetrics and openmetrics.rstrip().endswith(b"# EOF")
+    assert sample(second, "donkey_phase_locked") == 1.0  # the default pacing is locked to the twin's frames
+    assert 0 < sample(second, "donkey_output_offset_ms") < 20  # the adaptive output offset is reported
     assert huge.startswith(b"HTTP/1.1 431") and headers.startswith(b"HTTP/1.1 200")  # a header flood is bounded
     _, log = agent.communicate(timeout=10)
     assert "Traceback" not in log

@@ -1,8 +1,12 @@
-"""A local Prometheus text endpoint for scrapers and technicians (no web framework: one asyncio server).
+"""A local Prometheus endpoint for scrapers and technicians, through prometheus-client.
 
-Counters and cumulative histograms are kept here, fed from the drive core's metrics ring: each
-``update`` adds the rows written since the last one (the ring holds 51 s at 20 Hz; the supervisor
-updates every second, so no row is missed).
+A custom collector (``DriveCollector``) turns the drive core's state into metric families at scrape time:
+counters and cumulative histograms fed from the core's preallocated metrics ring (each ``update`` adds the
+rows written since the last one; the ring holds 51 s at 20 Hz and the daemon updates every second, so no
+row is missed), gauges from its published snapshot and from the daemon (fleet link, recorder, simulator
+link). The drive thread never calls ``observe()``: it only writes its ring. ``generate_latest`` renders the
+text format, or OpenMetrics when the scraper asks for it; the asyncio server below serves it (no web
+framework, no extra thread).
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+from prometheus_client import CollectorRegistry
+from prometheus_client import exposition as text_format
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
 
 from agent.core.control import MODES
 from agent.core.drive import DriveCore
@@ -28,9 +36,12 @@ HISTOGRAMS = {
     "donkey_invoke_ms": ("invoke_ms", "Model inference time (ms), cycles that ran the model."),
     "donkey_loop_overhead_ms": ("overhead_ms", "The loop's own work per cycle, excluding inference (ms)."),
 }
+MAX_HEADERS = 100
 
 
 class Histogram:
+    """Cumulative bucket counts and a sum, added to from the ring's rows."""
+
     def __init__(self) -> None:
         self.counts = np.zeros(len(BUCKETS) + 1, dtype=np.int64)
         self.total = 0.0
@@ -40,15 +51,20 @@ class Histogram:
             self.counts += np.bincount(np.searchsorted(BUCKETS, values, side="left"), minlength=len(BUCKETS) + 1)
             self.total += float(values.sum())
 
-    def lines(self, name: str) -> list[str]:
+    def family(self, name: str, help_text: str) -> HistogramMetricFamily:
         cumulative = np.cumsum(self.counts)
-        lines = [f'{name}_bucket{{le="{bound}"}} {cumulative[i]}' for i, bound in enumerate(BUCKETS)]
-        lines.append(f'{name}_bucket{{le="+Inf"}} {cumulative[-1]}')
-        lines += [f"{name}_sum {self.total:.6f}", f"{name}_count {cumulative[-1]}"]
-        return lines
+        buckets = [(str(bound), float(cumulative[i])) for i, bound in enumerate(BUCKETS)]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        return HistogramMetricFamily(name, help_text, buckets=buckets, sum_value=self.total)
 
 
-class MetricsExporter:
+def counter_family(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_text, value=value)  # rendered as <name>_total
+
+
+class DriveCollector:
+    """prometheus-client's collector interface over the drive core and the daemon's extra gauges."""
+
     def __init__(self, core: DriveCore, extra: Callable[[], dict[str, float]] | None = None) -> None:
         self.core = core
         self.extra = extra
@@ -72,45 +88,76 @@ class MetricsExporter:
                 values = values[rows[:, INDEX["decided"]] == 1.0]
             self.histograms[name].add(values)
 
-    def render(self) -> str:
+    def collect(self) -> Iterator[Metric]:
         self.update()
         core, metrics = self.core, self.core.metrics
-        out: list[str] = []
+        keeper = core.keeper
 
-        def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-            out.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-        metric("donkey_loop_cycles_total", "counter", "Drive-loop cycles completed.",
-               [f"donkey_loop_cycles_total {metrics.cycles}"])
-        metric("donkey_deadline_misses_total", "counter", "Cycles that finished after their deadline.",
-               [f"donkey_deadline_misses_total {metrics.deadline_misses}"])
-        metric("donkey_frames_missed_total", "counter", "Cycles that found no new camera frame.",
-               [f"donkey_frames_missed_total {metrics.frames_missed}"])
-        metric("donkey_frames_dropped_total", "counter", "Camera frames the loop never saw.",
-               [f"donkey_frames_dropped_total {metrics.frames_dropped}"])
-        metric("donkey_missed_periods_total", "counter", "Timer-paced periods skipped because the loop was late.",
-               [f"donkey_missed_periods_total {self.core.keeper.missed_periods if self.core.keeper else 0}"])
-        metric("donkey_drive_thread_cpu_seconds_total", "counter", "CPU time of the drive thread (kernel accounting).",
-               [f"donkey_drive_thread_cpu_seconds_total {self.core.thread_cpu_s():.2f}"])
-        metric("donkey_deadman_trips_total", "counter", "Times the dead-man monitor wrote neutral for a stalled core.",
-               [f"donkey_deadman_trips_total {self.core.deadman.trips}"])
-        metric("donkey_metrics_rows_lost_total", "counter", "Loop rows overwritten before this exporter read them.",
-               [f"donkey_metrics_rows_lost_total {self.rows_lost}"])
+        yield counter_family("donkey_loop_cycles", "Drive-loop cycles completed.", metrics.cycles)
+        yield counter_family("donkey_deadline_misses", "Cycles that finished after their deadline.",
+                             metrics.deadline_misses)
+        yield counter_family("donkey_frames_missed", "Cycles that found no new camera frame.", metrics.frames_missed)
+        yield counter_family("donkey_frames_dropped", "Camera frames the loop never saw.", metrics.frames_dropped)
+        yield counter_family("donkey_missed_periods", "Timer-paced periods skipped because the loop was late.",
+                      keeper.missed_periods if keeper else 0)
+        yield counter_family("donkey_drive_thread_cpu_seconds", "CPU time of the drive thread (kernel accounting).",
+                      core.thread_cpu_s())
+        yield counter_family("donkey_deadman_trips", "Times the dead-man monitor wrote neutral for a stalled core.",
+                      core.deadman.trips)
+        yield counter_family("donkey_metrics_rows_lost", "Loop rows overwritten before this exporter read them.",
+                      self.rows_lost)
         for name, (_, help_text) in HISTOGRAMS.items():
-            metric(name, "histogram", help_text, self.histograms[name].lines(name))
-        status = core.status()
-        metric("donkey_mode", "gauge", "The drive mode (1 for the current one).",
-               [f'donkey_mode{{mode="{mode}"}} {int(status["mode"] == mode)}' for mode in MODES])
-        metric("donkey_fault_active", "gauge", "Active faults (1 while active).",
-               [f'donkey_fault_active{{fault="{fault.value}"}} {int(fault.value in status["faults"])}'
-                for fault in Fault])
-        metric("donkey_max_throttle", "gauge", "The throttle limit.", [f"donkey_max_throttle {status['max_throttle']}"])
+            yield self.histograms[name].family(name, help_text)
+        snapshot = core.snapshot
+        mode = GaugeMetricFamily("donkey_mode", "The drive mode (1 for the current one).", labels=["mode"])
+        for each in MODES:
+            mode.add_metric([each], float(snapshot.mode == each))
+        yield mode
+        faults = GaugeMetricFamily("donkey_fault_active", "Active faults (1 while active).", labels=["fault"])
+        for fault in Fault:
+            faults.add_metric([fault.value], float(fault.value in snapshot.faults))
+        yield faults
+        yield GaugeMetricFamily("donkey_max_throttle", "The throttle limit.", value=snapshot.max_throttle)
+        yield from self._pacing()
         for name, value in (self.extra() if self.extra else {}).items():
-            metric(name, "gauge", name.replace("_", " ") + ".", [f"{name} {value}"])
-        return "\n".join(out) + "\n"
+            if name.endswith("_total"):
+                yield counter_family(name.removesuffix("_total"), name.replace("_", " ") + ".", value)
+            else:
+                yield GaugeMetricFamily(name, name.replace("_", " ") + ".", value=value)
+
+    def _pacing(self) -> Iterator[Metric]:
+        status = self.core.pacer.status()
+        if "output_offset_ms" not in status:
+            return
+        yield GaugeMetricFamily("donkey_phase_locked", "1 while the loop is locked to the camera's clock.",
+                                value=float(status["locked"]))
+        yield GaugeMetricFamily("donkey_camera_period_ms", "The camera's period as the phase lock measures it (ms).",
+                                value=status["camera_period_ms"])
+        yield GaugeMetricFamily("donkey_jitter_guard_ms", "How late a frame may be and still be on time (ms).",
+                                value=status["jitter_guard_ms"])
+        yield GaugeMetricFamily("donkey_output_offset_ms", "The output's offset from the predicted frame (ms).",
+                                value=status["output_offset_ms"])
+        yield counter_family("donkey_late_outputs", "Decisions ready after their output time (written at once).",
+                             status["late_outputs"])
+        yield counter_family("donkey_relocks", "Times the phase lock was lost and acquired again.", status["relocks"])
 
 
-MAX_HEADERS = 100
+class MetricsExporter:
+    """The registry with the drive collector, rendered on request in the format the scraper asks for."""
+
+    def __init__(self, core: DriveCore, extra: Callable[[], dict[str, float]] | None = None) -> None:
+        self.collector = DriveCollector(core, extra)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+
+    def update(self) -> None:
+        self.collector.update()
+
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The body and its content type: OpenMetrics if ``accept`` asks for it, else the text format."""
+        if "application/openmetrics-text" in accept:
+            return openmetrics.generate_latest(self.registry), openmetrics.CONTENT_TYPE_LATEST
+        return text_format.generate_latest(self.registry), text_format.CONTENT_TYPE_LATEST
 
 
 async def _answer(writer: asyncio.StreamWriter, status: str, content: str, body: bytes) -> None:
@@ -126,16 +173,20 @@ async def serve(exporter: MetricsExporter, listen: str, stop: asyncio.Event) -> 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             request = await asyncio.wait_for(reader.readline(), 5.0)
-            for _ in range(MAX_HEADERS):  # headers: read and ignored, a bounded number
-                if not (await asyncio.wait_for(reader.readline(), 5.0)).strip():
+            accept = ""
+            for _ in range(MAX_HEADERS):  # headers: a bounded number, only Accept is used
+                line = (await asyncio.wait_for(reader.readline(), 5.0)).strip()
+                if not line:
                     break
+                name, _, value = line.decode("latin-1").partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body, status = exporter.render().encode(), "200 OK"
-                content = "text/plain; version=0.0.4; charset=utf-8"
+                body, content = exporter.render(accept)
+                await _answer(writer, "200 OK", content, body)
             else:
-                body, status, content = b"not found: try /metrics\n", "404 Not Found", "text/plain"
-            await _answer(writer, status, content, body)
+                await _answer(writer, "404 Not Found", "text/plain", b"not found: try /metrics\n")
         except (ValueError, asyncio.LimitOverrunError):  # a line over the reader's 64 KiB limit
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await _answer(writer, "431 Request Header Fields Too Large", "text/plain", b"request too large\n")

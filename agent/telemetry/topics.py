@@ -65,6 +65,10 @@ def telemetry(seq: int, status: dict[str, Any], platform: dict[str, Any]) -> dic
                                 for lane in status.get("commands", {}).values()),
         **platform,
     }
+    pacing = status.get("pacing", {})
+    if "output_offset_ms" in pacing:  # locked pacing: the adaptive output offset and whether it is locked
+        values["output_offset_ms"] = pacing["output_offset_ms"]
+        values["phase_locked"] = bool(pacing["locked"])
     if status.get("estop_held_by"):
         values["estop_held_by"] = status["estop_held_by"]
     recording = status.get("recording_stats")
