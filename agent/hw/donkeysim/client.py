@@ -111,6 +111,7 @@ class SimClient:
         self._owns_slot = slot is None
         self._telemetry: LatestSlot[Telemetry] = LatestSlot() if slot is None else slot
         self._seq = seq_start
+        self._chunk_received = 0.0  # monotonic time of the latest chunk read from the socket
         self._loaded = threading.Event()
         self._settled = threading.Event()  # loaded, or down: what connect() waits for
         self._down = threading.Event()  # no longer usable: sends are refused from now on
@@ -312,7 +313,7 @@ class SimClient:
                 return f"connection error: {exc}"
             if not data:
                 return "the simulator closed the connection"
-            last_data = now
+            last_data = self._chunk_received = time.monotonic()  # a frame's time: its bytes, not its decoding
             self._feed(data)
         return self.disconnect_reason or "closed by the agent"
 
@@ -394,4 +395,4 @@ class SimClient:
             return  # a successor may already be publishing into a shared slot
         self._seq += 1
         self.frames += 1
-        self._telemetry.publish(Telemetry(self._seq, time.monotonic(), image, message, image_b, numbers))
+        self._telemetry.publish(Telemetry(self._seq, self._chunk_received, image, message, image_b, numbers))

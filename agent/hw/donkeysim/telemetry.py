@@ -48,7 +48,7 @@ class Telemetry:
     """One good telemetry message: every field the agent uses has been checked and parsed."""
 
     seq: int  # increases by one per telemetry message published
-    received: float  # time.monotonic() when the message was parsed
+    received: float  # time.monotonic() when the bytes that completed the message were received (before decoding)
     image: NDArray[np.uint8]  # (H, W, 3) RGB, the configured camera size
     fields: dict[str, Any] = field(repr=False)  # the message as sent, without the images
     image_b: NDArray[np.uint8] | None = None
