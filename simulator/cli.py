@@ -14,7 +14,8 @@ from typing import Any
 
 from agent.hw.donkeysim import DEFAULT_PORT
 from simulator.render import Randomization
-from simulator.track import DEFAULT_TRACK, get_track, track_names
+from simulator.scenes import SCENES, scene_names
+from simulator.track import DEFAULT_TRACK, get_track
 
 COMMANDS = ("serve", "record", "drive", "tracks")
 
@@ -36,9 +37,17 @@ def _non_negative(value: str) -> float:
 
 
 def _track(value: str) -> str:
-    if value not in track_names():
-        raise argparse.ArgumentTypeError(f"unknown track {value!r}; choose from {', '.join(track_names())}")
+    if value not in scene_names():
+        raise argparse.ArgumentTypeError(f"unknown track {value!r}; choose from {', '.join(scene_names())}")
     return value
+
+
+def _size(value: str) -> int:
+    """WxH (a pixel budget per camera) -> its pixel count."""
+    width, _, height = value.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) * int(height) < 64:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 640x480, got {value!r}")
+    return int(width) * int(height)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT}; 0 = any)")
     serve.add_argument("--track", type=_track, help="preload this scene, so clients get a car at once "
-                       f"(default: start in the menu; tracks: {', '.join(track_names())})")
+                       f"(default: start in the menu; scenes: {', '.join(scene_names())})")
     serve.add_argument("--seed", type=int, default=0, help="world seed (textures, noise)")
     serve.add_argument("--fps", type=_positive(float), default=20.0, help="telemetry rate per car (default 20)")
     serve.add_argument("--summary", type=Path, help="write a JSON drive summary here on exit and on SIGTERM")
@@ -71,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--time-scale", type=_positive(float), default=1.0, metavar="X",
                        help="simulated seconds per real second (default 1; >1 runs faster than real time)")
     serve.add_argument("--exit-on-quit", action="store_true", help="stop the twin when a client sends quit_app")
+    serve.add_argument("--greeting-delay", type=_non_negative, default=0.05, metavar="SECONDS",
+                       help="from a connection to its first message (default 0.05, about one frame, as Unity)")
+    serve.add_argument("--max-connections", type=_positive(int), default=32, metavar="N",
+                       help="connections served at once; more are closed at once (default 32)")
+    serve.add_argument("--max-camera", type=_size, default=640 * 480, metavar="WxH",
+                       help="pixel budget per camera; larger cam_config sizes are scaled down (default 640x480)")
 
     record = commands.add_parser("record", help="drive the expert in-process, as fast as possible, into a tub")
     record.add_argument("--out", type=Path, required=True, help="tub directory to create or extend")
@@ -119,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         return _record(args)
     if args.command == "drive":
         return _drive(args)
-    for name in track_names():
-        track = get_track(name)
-        print(f"{name:18s} {track.length:5.1f} m, road {track.width:.1f} m wide: {track.description}")
+    for scene in SCENES:
+        track = get_track(scene.geometry)
+        served = f" (served by {scene.geometry})" if scene.substituted else ""
+        print(f"{scene.name:18s} {track.length:5.1f} m, road {track.width:.1f} m wide{served}: {track.description}")
     return 0
 
 
@@ -136,7 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(host=args.host, port=args.port, track=args.track, seed=args.seed, fps=args.fps,
                           randomization=_randomization(args.randomize), exit_on_quit=args.exit_on_quit,
-                          time_scale=args.time_scale)
+                          time_scale=args.time_scale, greeting_delay=args.greeting_delay,
+                          max_connections=args.max_connections, max_camera_pixels=args.max_camera)
 
     async def run() -> TwinServer:
         server = TwinServer(config)
@@ -158,8 +175,9 @@ def _serve(args: argparse.Namespace) -> int:
     cars: list[dict[str, Any]] = summary["cars"]
     for car in cars:
         logging.getLogger("donkey-sim").info(
-            "car %(car)s (%(peer)s) on %(track)s: %(laps)s laps, %(off_track_events)s off-track, "
-            "max |cte| %(max_abs_cte)s m", {"laps": 0, "off_track_events": 0, "max_abs_cte": 0, **car})
+            "car %(car)s (%(peer)s) on %(track)s (%(geometry)s): %(laps)s laps, %(off_track_events)s off-track, "
+            "max |cte| %(max_abs_cte)s m, %(telemetry_hz)s Hz",
+            {"laps": 0, "off_track_events": 0, "max_abs_cte": 0, **car})
     return 0
 
 

@@ -19,7 +19,7 @@ from agent.hw.donkeysim.client import SimClient, SimError
 from agent.tub import TubRecorder, TubWriter
 from simulator.expert import ExpertConfig, ExpertPilot
 from simulator.render import Randomization
-from simulator.track import get_track
+from simulator.scenes import get_scene, scene_track
 from simulator.world import TwinCar
 
 RECORD_HZ = 20.0  # DonkeyCar's DRIVE_LOOP_HZ and CAMERA_FRAMERATE
@@ -71,8 +71,11 @@ def record_in_process(
     progress: Progress | None = None,
     max_sim_seconds: float | None = None,
 ) -> RecordResult:
-    """Drive ``laps`` laps with the expert at RECORD_HZ simulated time, writing a tub to ``out``."""
-    car = TwinCar(track, seed=seed, randomization=randomization)
+    """Drive ``laps`` laps with the expert at RECORD_HZ simulated time, writing a tub to ``out``.
+
+    ``track`` is a scene name; a scene without geometry of its own records on the track that serves it.
+    """
+    car = TwinCar(scene_track(get_scene(track)), seed=seed, randomization=randomization)
     config = ExpertConfig(noise=noise, recovery_interval=recovery_interval)
     if speed is not None:
         config = ExpertConfig(speed=speed, noise=noise, recovery_interval=recovery_interval)
@@ -113,6 +116,11 @@ def record_in_process(
     return RecordResult(out, records, car.stats.laps, car.stats.as_dict(), time.perf_counter() - started)
 
 
+def completed_laps(client: SimClient) -> int:
+    """Laps as gym-donkeycar counts them: the first start-line crossing starts the clock."""
+    return max(0, client.laps - 1)
+
+
 def drive_over_protocol(
     host: str,
     port: int,
@@ -127,7 +135,7 @@ def drive_over_protocol(
     connect_timeout: float = 15.0,
 ) -> RecordResult:
     """Drive a car on a running simulator with the expert, in real time, optionally recording."""
-    geometry = get_track(track)
+    geometry = scene_track(get_scene(track))
     expert = ExpertPilot(geometry, ExpertConfig(noise=noise), seed=seed)
     recorder = TubRecorder(TubWriter(out, metadata={"source": "donkey-sim drive", "track": track})) if out else None
     started = time.monotonic()
@@ -135,7 +143,7 @@ def drive_over_protocol(
     last_time: float | None = None
     try:
         with SimClient(host, port, scene=track, car_name="expert", connect_timeout=connect_timeout) as client:
-            while client.laps < laps and (duration is None or time.monotonic() - started < duration):
+            while completed_laps(client) < laps and (duration is None or time.monotonic() - started < duration):
                 telemetry = client.wait_next(seq, timeout=2.0)
                 if telemetry is None:
                     raise SimError(client.disconnect_reason or "no telemetry from the simulator for 2 s")
@@ -154,10 +162,11 @@ def drive_over_protocol(
                     recorder.submit({"cam/image_array": telemetry.image, "user/angle": command.steering,
                                      "user/throttle": command.throttle, "user/mode": "user"})
                 if progress is not None and seq % 20 == 0:
-                    progress(min(1.0, client.laps / laps),
-                             f"driving {track}: lap {min(client.laps + 1, laps)}/{laps}, cte "
+                    done = completed_laps(client)
+                    progress(min(1.0, done / laps),
+                             f"driving {track}: lap {min(done + 1, laps)}/{laps}, cte "
                              f"{telemetry.number('cte'):+.2f} m, speed {telemetry.number('speed'):.2f} m/s")
-            laps_done = client.laps
+            laps_done = completed_laps(client)
     finally:
         if recorder is not None:
             recorder.close()

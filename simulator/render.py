@@ -55,6 +55,8 @@ class CameraConfig:
     forward_m: float = 0.15  # ahead of the rear axle (offset_z)
     right_m: float = 0.0  # offset_x
     pitch: float = 15.0  # degrees down (rot_x)
+    yaw: float = 0.0  # degrees to the right (rot_y)
+    roll: float = 0.0  # degrees, counter-clockwise seen from behind the camera (rot_z)
     grayscale: bool = False  # img_d = 1: three identical grey channels
     encoding: str = "JPG"  # JPG, PNG or TGA
 
@@ -156,6 +158,19 @@ def shared_texture(track: Track, seed: int, texture: float = 0.0) -> WorldTextur
     return WorldTexture(track, seed, texture)
 
 
+def _unity_rotation(pitch: float, yaw: float, roll: float) -> NDArray[np.float64]:
+    """Unity's ``localEulerAngles`` as a matrix on (right, up, forward) vectors: Ry(yaw) Rx(pitch) Rz(roll).
+
+    Positive pitch looks down (rot_x = 90 looks straight at the ground), positive yaw turns
+    right and positive roll turns the camera counter-clockwise seen from behind, as in Unity.
+    """
+    p, y, r = (math.radians(a) for a in (pitch, yaw, roll))
+    around_x = np.array([[1, 0, 0], [0, math.cos(p), -math.sin(p)], [0, math.sin(p), math.cos(p)]])
+    around_y = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
+    around_z = np.array([[math.cos(r), -math.sin(r), 0], [math.sin(r), math.cos(r), 0], [0, 0, 1]])
+    return around_y @ around_x @ around_z
+
+
 class CameraRenderer:
     """Renders (H, W, 3) uint8 RGB frames for a car pose on a WorldTexture."""
 
@@ -167,11 +182,13 @@ class CameraRenderer:
         u = (np.arange(w) + 0.5 - w / 2) / focal
         v = (np.arange(h) + 0.5 - h / 2) / focal
         right_ray, down_ray = np.meshgrid(u, v)
-        pitch = math.radians(config.pitch)
-        forward = math.cos(pitch) - down_ray * math.sin(pitch)
-        up = -math.sin(pitch) - down_ray * math.cos(pitch)
+        # Camera-frame rays (x right, y up, z forward) turned into the car's frame with Unity's
+        # Euler order: roll about z first, then pitch about x, then yaw about y.
+        rotation = _unity_rotation(config.pitch, config.yaw, config.roll)
+        local = np.stack([right_ray, -down_ray, np.ones_like(right_ray)])
+        right_ray, up, forward = np.einsum("ij,jhw->ihw", rotation, local)
         ground = up < -1e-3
-        t = np.where(ground, config.height_m / np.where(ground, -up, 1.0), np.inf)
+        t = np.where(ground, config.height_m / np.where(ground, -up, 1.0), 0.0)  # 0 off the ground: no inf * 0
         distance = t * np.sqrt(forward**2 + right_ray**2)
         ground &= distance < 400.0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -185,17 +185,78 @@ def _mountain_track() -> Track:
     )
 
 
-_BUILDERS = {"generated_track": _generated_track, "mountain_track": _mountain_track}
+def _warehouse() -> Track:
+    # A wide loop round a warehouse floor: long straights joined by rounded corners (a superellipse),
+    # radius down to ~2.3 m, road 1.8 m wide: forgiving, for first models.
+    theta = np.linspace(0.0, 2 * math.pi, 6000, endpoint=False)
+    r = (np.abs(np.cos(theta) / 8.0) ** 4 + np.abs(np.sin(theta) / 5.0) ** 4) ** -0.25
+    line = np.column_stack([r * np.sin(theta), r * np.cos(theta)])
+    return Track.from_polyline(
+        "warehouse",
+        "wide loop with long straights and rounded corners, road 1.8 m (easy)",
+        width=1.8,
+        polyline=_start_at_straightest(line),
+    )
+
+
+GENERATED_ROAD_WIDTH = 1.0
+GENERATED_ROAD_MIN_RADIUS = 1.5  # metres: the expert and the shipped model take these at cruise speed
+
+
+@lru_cache(maxsize=16)
+def generated_road(seed: int) -> Track:
+    """A random closed road made from ``seed``: the same seed gives the same road.
+
+    Unity's ``generated_road`` scene lays a new random road on every load; the twin's server
+    passes a new seed on every load for the same effect. Random harmonics of a circle, kept only
+    when no curve is tighter than GENERATED_ROAD_MIN_RADIUS and the road never comes near itself.
+    """
+    rng = np.random.default_rng(seed)
+    harmonics = np.arange(2, 6)
+    strength = np.array([1.2, 0.8, 0.5, 0.3])  # metres of radius per harmonic, at most
+    for _ in range(100):
+        amplitude = rng.uniform(0.0, 1.0, len(harmonics)) * strength
+        phase = rng.uniform(0.0, 2 * math.pi, len(harmonics))
+        base = rng.uniform(6.0, 7.5)
+
+        def radius(t: NDArray[np.float64], amplitude: NDArray[np.float64] = amplitude,
+                   phase: NDArray[np.float64] = phase, base: float = base) -> NDArray[np.float64]:
+            return base + (amplitude[:, None] * np.sin(harmonics[:, None] * t + phase[:, None])).sum(axis=0)
+
+        line = _polar_loop(radius, samples=6000)
+        line[:, 0] *= rng.uniform(0.85, 1.15)
+        track = Track.from_polyline(
+            "generated_road",
+            f"a random road from seed {seed}, road 1.0 m",
+            width=GENERATED_ROAD_WIDTH,
+            polyline=_start_at_straightest(line),
+        )
+        if (1 / np.abs(track.curvature()).max() >= GENERATED_ROAD_MIN_RADIUS
+                and track.min_clearance() > track.width + 1.0):
+            return track
+    raise RuntimeError(f"no drivable road from seed {seed}")  # not seen in 10,000 seeds
+
+
+_BUILDERS = {
+    "generated_track": _generated_track,
+    "mountain_track": _mountain_track,
+    "warehouse": _warehouse,
+    "generated_road": lambda: generated_road(0),
+}
 DEFAULT_TRACK = "generated_track"
 
 
 def track_names() -> list[str]:
+    """The geometries the twin has (scene names that map onto them are in ``simulator.scenes``)."""
     return list(_BUILDERS)
 
 
 @cache
 def get_track(name: str) -> Track:
-    """A named track (cached; tracks are immutable). Raises KeyError naming the known tracks."""
+    """A named track (cached; tracks are immutable). Raises KeyError naming the known tracks.
+
+    ``generated_road`` by name is the road of seed 0; the server asks ``generated_road(seed)``.
+    """
     try:
         builder = _BUILDERS[name]
     except KeyError:

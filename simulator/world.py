@@ -8,6 +8,8 @@ never sleeps, so it runs as fast as the machine allows when no one paces it.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,14 +21,16 @@ from simulator.render import CameraConfig, CameraRenderer, Randomization, shared
 from simulator.track import Track, get_track
 
 NOISE_BANK_FRAMES = 8  # precomputed noise frames, offset randomly per frame (cheap camera noise)
+MAX_RENDERERS = 4  # camera configurations kept per car: a client cycling through sizes costs no memory
 
 
 @dataclass
 class DriveStats:
     """What happened to one car: the basis of ``--summary`` and of every drive test."""
 
-    laps: int = 0
+    laps: int = 0  # completed laps: start-line crossings after the first one since a reset
     lap_times: list[float] = field(default_factory=list)
+    line_crossings: int = 0  # every crossing of the start line, the first included
     off_track_events: int = 0
     distance: float = 0.0  # metres driven (absolute)
     driving_time: float = 0.0  # simulated seconds
@@ -41,6 +45,7 @@ class DriveStats:
     def as_dict(self) -> dict[str, Any]:
         return {
             "laps": self.laps,
+            "line_crossings": self.line_crossings,
             "lap_times": [round(t, 3) for t in self.lap_times],
             "best_lap": round(min(self.lap_times), 3) if self.lap_times else None,
             "off_track_events": self.off_track_events,
@@ -50,6 +55,14 @@ class DriveStats:
             "driving_time_s": round(self.driving_time, 2),
             "resets": self.resets,
         }
+
+
+@dataclass(frozen=True)
+class LineCrossing:
+    """One crossing of the start line: what the protocol's ``collision_with_starting_line`` reports."""
+
+    time: float  # simulated seconds since the scene loaded (the message's timeStamp)
+    lap_time: float | None  # the lap it completes; None for the first crossing since a reset
 
 
 class TwinCar:
@@ -70,7 +83,7 @@ class TwinCar:
         self.limits = limits or physics.CarLimits()
         self._rng = np.random.default_rng(seed)
         self._texture = shared_texture(self.track, seed, self.randomization.texture)
-        self._renderers: dict[CameraConfig, CameraRenderer] = {}
+        self._renderers: OrderedDict[CameraConfig, CameraRenderer] = OrderedDict()  # most recent last
         self._noise_bank: NDArray[np.float32] | None = None  # made on first use, when noise is on
         self.camera = camera or CameraConfig()
         self.stats = DriveStats()
@@ -97,8 +110,9 @@ class TwinCar:
         self._node = projection.node
         self._progress = projection.progress
         self._unwrapped = 0.0  # progress along the track since the last reset, metres
-        self._laps_since_reset = 0
-        self._lap_start = self.time
+        self._crossings_since_reset = 0  # the next crossing is at _crossings_since_reset * length
+        self._last_crossing: float | None = None
+        self._pending_crossings: deque[LineCrossing] = deque(maxlen=64)  # drained by the server
         self.cte = projection.cte
         self.off_track = False
         self._gain = 1.0
@@ -116,12 +130,9 @@ class TwinCar:
         self.state.speed = 0.0
         projection = self.track.project(x, z)
         self._node, self._progress, self.cte = projection.node, projection.progress, projection.cte
-        # Place the car on the current lap so that driving forward across the start line
-        # next counts a lap, as the Unity simulator's start-line trigger does.
-        length = self.track.length
-        behind_line = projection.progress > length / 2
-        self._unwrapped = (self._laps_since_reset - behind_line) * length + projection.progress
-        self._laps_since_reset -= behind_line
+        # A teleport never crosses the line: the next crossing is where driving forward next
+        # meets the start line, a track length minus the progress ahead (as Unity's trigger).
+        self._unwrapped = (self._crossings_since_reset - 1) * self.track.length + projection.progress
 
     # -- simulation --------------------------------------------------------------------
     def advance(self, dt: float) -> int:
@@ -150,17 +161,30 @@ class TwinCar:
             stats.off_track_events += 1
         self.off_track = off
 
-        # A lap counts when forward progress since the reset passes a new multiple of the
-        # track length, so reversing across the line and back never counts twice.
+        # The start line is crossed when forward progress since the reset passes a multiple of
+        # the track length (0 included: the car starts on the line), each multiple once, so
+        # reversing across the line and back never counts twice. As Unity's start-line trigger,
+        # every crossing is reported; the first one starts the lap clock.
         self._unwrapped += delta
         laps = 0
-        while self._unwrapped >= (self._laps_since_reset + 1) * self.track.length:
-            self._laps_since_reset += 1
-            stats.laps += 1
-            stats.lap_times.append(self.time - self._lap_start)
-            self._lap_start = self.time
-            laps += 1
+        length = self.track.length
+        while self._unwrapped > self._crossings_since_reset * length:
+            self._crossings_since_reset += 1
+            stats.line_crossings += 1
+            lap_time = None if self._last_crossing is None else self.time - self._last_crossing
+            if lap_time is not None:
+                stats.laps += 1
+                stats.lap_times.append(lap_time)
+                laps += 1
+            self._last_crossing = self.time
+            self._pending_crossings.append(LineCrossing(self.time, lap_time))
         return laps
+
+    def take_crossings(self) -> list[LineCrossing]:
+        """The start-line crossings since the last call (the server reports each one)."""
+        crossings = list(self._pending_crossings)
+        self._pending_crossings.clear()
+        return crossings
 
     @property
     def progress(self) -> float:
@@ -176,16 +200,32 @@ class TwinCar:
         config = camera or self.camera
         renderer = self._renderers.get(config)
         if renderer is None:
-            renderer = self._renderers[config] = CameraRenderer(self._texture, config)
+            renderer = CameraRenderer(self._texture, config)
+            self._renderers[config] = renderer
+            while len(self._renderers) > MAX_RENDERERS:
+                self._renderers.popitem(last=False)
+        else:
+            self._renderers.move_to_end(config)
         return renderer
 
     def render(self, camera: CameraConfig | None = None) -> NDArray[np.uint8]:
         """The camera frame for the current pose, (H, W, 3) uint8 RGB."""
-        renderer = self.renderer(camera)
-        noise = None
-        if self.randomization.noise > 0:
-            noise = self._noise(renderer.config)
-        return renderer.render(self.state.x, self.state.z, self.state.yaw, gain=self._gain, noise=noise)
+        return self.render_job(camera)()
+
+    def render_job(self, camera: CameraConfig | None = None) -> Callable[[], NDArray[np.uint8]]:
+        """The frame of the current pose, to render later (on a worker thread): the pose is copied now.
+
+        Cameras that are rendered concurrently must come from different cars: a renderer
+        reuses its buffers, so one car renders one frame at a time.
+        """
+        config = camera or self.camera
+        x, z, yaw, gain = self.state.x, self.state.z, self.state.yaw, self._gain
+        noise = self._noise(config) if self.randomization.noise > 0 else None
+
+        def render() -> NDArray[np.uint8]:
+            return self.renderer(config).render(x, z, yaw, gain=gain, noise=noise)
+
+        return render
 
     def _noise(self, config: CameraConfig) -> NDArray[np.float32]:
         bank = self._noise_bank

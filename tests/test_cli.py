@@ -77,9 +77,9 @@ def test_twin_writes_its_summary_when_its_duration_ends(tmp_path: Path) -> None:
 
 
 def test_bad_arguments_are_explained() -> None:
-    result = subprocess.run([*SIM, "--track", "warehouse"], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([*SIM, "--track", "nowhere"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
-    assert "unknown track 'warehouse'" in result.stderr and "generated_track" in result.stderr
+    assert "unknown track 'nowhere'" in result.stderr and "generated_track" in result.stderr
     result = subprocess.run([*SIM, "drive", "--sim", "localhost"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "HOST:PORT" in result.stderr
 

@@ -121,9 +121,11 @@ class RawClient:
         want: str | Callable[[Message], bool],
         timeout: float = TIMEOUT,
         *,
-        skip: tuple[str, ...] = ("telemetry",),
+        skip: tuple[str, ...] = ("telemetry", "collision_with_starting_line"),
     ) -> tuple[Message, list[Message]]:
         """Read until a message matches ``want``; messages in between must be of a ``skip`` type.
+
+        By default telemetry and start-line crossings (sent whenever a car drives over the line) are skipped.
 
         Returns the match and the messages skipped on the way.
         """
@@ -285,7 +287,12 @@ class RunningTwin:
 
 @pytest.fixture
 def twin(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., RunningTwin]]:
-    """A factory: ``twin(track=None | "generated_track", fps=, time_scale=, max_message_bytes=)``."""
+    """A factory: ``twin(track=None | "generated_track", fps=, time_scale=, max_message_bytes=, **ServerConfig)``."""
+    yield from running_twins(caplog)
+
+
+def running_twins(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., RunningTwin]]:
+    """The body of the ``twin`` fixture, for other test modules' own ``twin`` fixtures."""
     caplog.set_level(logging.INFO, logger=LOGGER)
     running: list[RunningTwin] = []
 
@@ -295,8 +302,9 @@ def twin(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., RunningTwin
         fps: float = 20.0,
         time_scale: float = 1.0,
         max_message_bytes: int | None = None,
+        **options: Any,
     ) -> RunningTwin:
-        config = ServerConfig(host="127.0.0.1", port=0, track=track, fps=fps, time_scale=time_scale)
+        config = ServerConfig(host="127.0.0.1", port=0, track=track, fps=fps, time_scale=time_scale, **options)
         if max_message_bytes is not None:
             config.max_message_bytes = max_message_bytes
         instance = RunningTwin(config)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from simulator import physics
+from simulator.expert import ExpertPilot
 from simulator.physics import CarLimits
 from simulator.render import PALETTE, CameraConfig, Randomization
 from simulator.track import get_track, track_names
@@ -33,7 +34,7 @@ def test_default_track_lap_length_suits_a_demo() -> None:
 
 def test_unknown_track_names_the_known_ones() -> None:
     with pytest.raises(KeyError, match="generated_track"):
-        get_track("warehouse")
+        get_track("no_such_track")
 
 
 def test_projection_sign_and_progress() -> None:
@@ -134,17 +135,31 @@ def test_off_track_is_detected_counted_and_reported_as_hit() -> None:
     assert car.telemetry()["hit"] == "none"
 
 
-def test_laps_count_once_per_lap_and_never_by_reversing_over_the_line() -> None:
+def test_every_start_line_crossing_is_reported_and_laps_are_timed_between_crossings() -> None:
+    """As Unity's start-line trigger: each forward crossing once, the first one starting the lap clock."""
     car = TwinCar("generated_track")
     start = (car.state.x, car.state.z, car.state.yaw)
-    # Teleport just before the line and cross it: one lap, as Unity's start-line trigger.
-    car.set_pose(start[0] - 0.5 * math.sin(start[2]), start[1] - 0.5 * math.cos(start[2]), start[2])
+
+    def behind_the_line() -> None:
+        car.set_pose(start[0] - 0.5 * math.sin(start[2]), start[1] - 0.5 * math.cos(start[2]), start[2])
+
+    behind_the_line()  # a teleport never crosses the line itself
+    assert car.take_crossings() == []
     laps = 0
     car.set_controls(0.0, 0.3)
     for _ in range(40):
         laps += car.advance(0.05)
-    assert laps == 1 and car.stats.laps == 1
-    # Reverse back over the line and forward again: no new lap.
+    (first,) = car.take_crossings()
+    assert first.lap_time is None and first.time > 0  # the first crossing: timing starts, no lap yet
+    assert laps == 0 and car.stats.laps == 0 and car.stats.line_crossings == 1
+    behind_the_line()
+    for _ in range(40):
+        laps += car.advance(0.05)
+    (second,) = car.take_crossings()
+    assert laps == 1 and car.stats.laps == 1 and car.stats.line_crossings == 2
+    assert second.lap_time == pytest.approx(second.time - first.time)
+    assert car.stats.lap_times == [second.lap_time]
+    # Reverse back over the line and forward again: no new crossing.
     car.set_controls(0.0, -1.0)
     for _ in range(200):
         laps += car.advance(0.05)
@@ -157,7 +172,21 @@ def test_laps_count_once_per_lap_and_never_by_reversing_over_the_line() -> None:
         if 0.5 < car.progress < car.track.length / 2:
             break
     assert 0.5 < car.progress < car.track.length / 2  # back across it
-    assert laps == 1 and car.stats.laps == 1
+    assert car.take_crossings() == [] and laps == 1 and car.stats.laps == 1
+
+
+def test_a_fresh_car_crosses_the_line_as_it_starts_and_completes_a_lap_a_track_length_later() -> None:
+    car = TwinCar("generated_track")
+    car.set_controls(0.0, 0.25)
+    car.advance(0.05)
+    (first,) = car.take_crossings()
+    assert first.lap_time is None and first.time == pytest.approx(0.05)
+    expert = ExpertPilot(car.track)
+    while car.stats.laps == 0 and car.time < 120:
+        command = expert.command(car.state.x, car.state.z, car.state.yaw, car.state.speed, 0.05)
+        car.set_controls(command.steering, command.throttle)
+        car.advance(0.05)
+    assert car.stats.laps == 1 and car.stats.distance == pytest.approx(car.track.length, abs=0.5)
 
 
 def test_telemetry_fields_and_units() -> None:
