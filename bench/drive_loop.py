@@ -1,14 +1,18 @@
-"""Benchmark: our drive core against DonkeyCar's own Vehicle loop, same parts, same run.
+"""Benchmark: our drive loop against DonkeyCar's own Vehicle loop, timed from inside and from outside, in one run.
 
-Parts shared by both loops (thin adapters on DonkeyCar's side): the twin camera and twin
-actuators over the Donkey simulator protocol, the shipped model (models/pilot.tflite; on
-DonkeyCar's side run by its own KerasLinear + TfLite interpreter), and our tub recorder.
-Loads: none; in-process telemetry-like work (two busy Python threads) plus recording; external
-CPU stress on every core. Each loop runs in its own process, so RSS and start-up are its own.
-The twin runs as a separate process with real-time priority when allowed, standing in for a
-camera that does not slow down under load.
+Same parts for every loop: the twin's camera and actuators over the Donkey simulator protocol (our client), the
+shipped model (on DonkeyCar's side run by its own KerasLinear + TfLite part), our tub recorder. Loops: our drive
+core in each pacing (``locked``, the default; ``camera``; ``timer``) and DonkeyCar 5.3's ``Vehicle``. Loads:
+none; cpu-stress (one spinning process per core); in-process (two busy Python threads plus recording, the worst
+case for the GIL); realistic (ours: the whole ``donkey-agent run`` with recording, its fleet link to a local
+mosquitto receiving 20 commands/s and its Prometheus endpoint scraped at 10 Hz; DonkeyCar: recording).
 
-    python bench/drive_loop.py [--seconds 20]       # writes bench/results/drive_loop.{json,png}
+Every run goes through ``bench/stopwatch.py``, a relay in its own process that takes the kernel's receive
+timestamps of every frame and control: the external period error, frame-to-control latency and controls without
+a new frame sit beside each loop's own figures. Each loop runs in its own process (RSS and start-up are its own);
+the twin runs in another, at SCHED_FIFO 40 when allowed, standing in for a camera that does not slow down.
+
+    python bench/drive_loop.py [--seconds 20] [--loads none,cpu-stress]   # bench/results/drive_loop.{json,png}
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "models" / "pilot.tflite"
 RATE_HZ = 20.0
-LOADS = ("none", "in-process", "cpu-stress")  # "mqtt-flood" is run by bench/mqtt_publish.py
+LOADS = ("none", "cpu-stress", "in-process", "realistic")  # "mqtt-flood" is run by bench/mqtt_publish.py
+LOOPS = ("ours", "ours-camera", "ours-timer", "donkeycar")
+PACING = {"ours": "locked", "ours-camera": "camera", "ours-timer": "timer"}
+SKIP_CONTROLS = 40  # warm-up (and the phase lock's acquisition) left out of the external figures
 
 
 # -- loads ---------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def parts(port: int) -> tuple[Any, Any, Any]:
 
 
 def recorder_for(load: str, directory: Path) -> Any:
-    if load != "in-process":
+    if load not in ("in-process", "realistic"):
         return None
     from agent.core.drive import RECORD_INPUTS, RECORD_TYPES
     from agent.tub import TubRecorder, TubWriter
@@ -295,13 +302,122 @@ def start_twin() -> tuple[subprocess.Popen[str], int]:
             raise SystemExit("the twin did not start")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Stopwatch:
+    """bench/stopwatch.py in its own process, relaying to the twin: the external timing of one run."""
+
+    def __init__(self, twin_port: int) -> None:
+        self.port = free_port()
+        self.out = Path(tempfile.mkdtemp()) / "times.json"
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stopwatch.py"), "--listen",
+                                         str(self.port), "--upstream", f"127.0.0.1:{twin_port}", "--out",
+                                         str(self.out)], cwd=ROOT)
+        deadline = time.monotonic() + 10
+        while not _listening(self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def result(self) -> dict[str, Any]:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from stopwatch import analyse
+
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(10)
+        connections = json.loads(self.out.read_text())
+        busiest = max(connections, key=lambda c: len(c["controls"]))  # the loop's car (not a probe)
+        # leave out the warm-up at the start and the stop at the end (a neutral and a brake, back to back)
+        return analyse(busiest["frames"], busiest["controls"][:-3], 1.0 / RATE_HZ, skip=SKIP_CONTROLS)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 def run_child(loop: str, load: str, seconds: float, port: int) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--child", loop, "--load", load, "--seconds", str(seconds),
-                          "--port", str(port)], capture_output=True, text=True, cwd=ROOT, timeout=seconds * 4 + 120,
-                         check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"{loop}/{load} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """One loop under one load, through a stopwatch: its own figures and the stopwatch's."""
+    stopwatch = Stopwatch(port)
+    try:
+        if loop != "donkeycar" and load == "realistic":
+            result = run_agent(stopwatch.port, seconds, PACING[loop])
+        else:
+            out = subprocess.run([sys.executable, __file__, "--child", loop, "--load", load, "--seconds",
+                                  str(seconds), "--port", str(stopwatch.port)], capture_output=True, text=True,
+                                 cwd=ROOT, timeout=seconds * 4 + 120, check=False)
+            if out.returncode != 0:
+                raise SystemExit(f"{loop}/{load} failed:\n{out.stderr[-3000:]}")
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        external = stopwatch.result()
+    return {**result, "external": external}
+
+
+def run_agent(port: int, seconds: float, pacing: str) -> dict[str, Any]:
+    """The realistic load: the whole agent, with recording, its fleet link under 20 commands/s, and scrapes."""
+    import urllib.request
+
+    sys.path.insert(0, str(ROOT))
+    from tests.mosquitto import Broker
+
+    work = Path(tempfile.mkdtemp())
+    broker = Broker(work).start()
+    metrics = free_port()
+    config = work / "agent.toml"
+    config.write_text(f"""[drive]\npacing = "{pacing}"\n[drive.realtime]\npriority = 50
+[state]\ndirectory = "{work / 'state'}"
+[telemetry]\nurl = "mqtt://127.0.0.1:{broker.port}"\ncar_id = "bench"\nprometheus = "127.0.0.1:{metrics}"
+command_rate_per_s = 50.0\n""")
+    started = time.monotonic()
+    agent = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--sim",
+                              f"127.0.0.1:{port}", "--model", str(MODEL), "--record", str(work / "tub"),
+                              "--duration", str(seconds + 8)], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    stop = threading.Event()
+
+    def commands() -> None:  # 20 valid commands a second from the fleet
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client.connect("127.0.0.1", broker.port)
+        client.loop_start()
+        number = 0
+        while not stop.wait(0.05):
+            number += 1
+            client.publish("donkey/default/bench/cmd/set_max_throttle",
+                           json.dumps({"id": f"b{number}", "value": 0.5}), qos=1)
+        client.loop_stop()
+
+    def scrapes() -> None:  # Prometheus at 10 Hz
+        while not stop.wait(0.1):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=2).read()
+
+    workers = [threading.Thread(target=commands, daemon=True), threading.Thread(target=scrapes, daemon=True)]
+    for worker in workers:
+        worker.start()
+    try:
+        _, log = agent.communicate(timeout=seconds + 120)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(5)
+        broker.stop()
+    summary = re.search(r"stopped \([^)]*\): (\d+) cycles, (\d+) deadline misses.*period error p99 (\S+) ms", log)
+    ready = re.search(r"ready: ", log)
+    return {"cycles": int(summary.group(1)) if summary else None,
+            "period_error_ms": {"p99": float(summary.group(3))} if summary else {},
+            "startup_s": round(time.monotonic() - started, 1) if ready else None, "whole_agent": True}
 
 
 def machine() -> dict[str, Any]:
@@ -313,10 +429,24 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release(), "numpy": np.__version__}
 
 
+def describe(loop: str, load: str, result: dict[str, Any]) -> str:
+    ext = result.get("external", {})
+    inside = result.get("period_error_ms", {})
+
+    def fig(stats: dict[str, float], key: str) -> str:
+        return f"{stats[key]:7.3f}" if key in stats else "      –"
+
+    return (f"{loop:12s} {load:11s} | external period error p50 {fig(ext.get('period_error_ms', {}), 'p50')} "
+            f"p99 {fig(ext.get('period_error_ms', {}), 'p99')} max {fig(ext.get('period_error_ms', {}), 'max')} | "
+            f"latency p50 {fig(ext.get('latency_ms', {}), 'p50')} p99 {fig(ext.get('latency_ms', {}), 'p99')} | "
+            f"no new frame {ext.get('controls_without_new_frame', '–')} | internal p99 {fig(inside, 'p99')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--child", choices=["ours", "ours-camera", "donkeycar"])
+    parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated, of " + ", ".join(LOADS))
+    parser.add_argument("--child", choices=list(LOOPS))
     parser.add_argument("--load", choices=[*LOADS, "mqtt-flood"], default="none")
     parser.add_argument("--port", type=int)
     args = parser.parse_args()
@@ -324,63 +454,71 @@ def main() -> None:
         if args.child == "donkeycar":
             result = run_donkeycar(args.port, args.seconds, args.load)
         else:
-            result = run_ours(args.port, args.seconds, args.load, "camera" if args.child == "ours-camera" else "timer")
+            result = run_ours(args.port, args.seconds, args.load, PACING[args.child])
         print(json.dumps(result))
         os._exit(0)  # DonkeyCar leaves non-daemon threads behind
 
+    loads = [load for load in args.loads.split(",") if load]
     RESULTS.mkdir(parents=True, exist_ok=True)
     twin, port = start_twin()
     runs = []
     try:
-        for load in LOADS:
-            for loop in ("ours", "donkeycar", "ours-camera"):
+        for load in loads:
+            for loop in LOOPS:
                 result = run_child(loop, load, args.seconds, port)
                 runs.append({"loop": loop, "load": load, **result})
-                print(f"{loop:12s} {load:11s} period error p50 {result['period_error_ms']['p50']:7.3f} "
-                      f"p99 {result['period_error_ms']['p99']:7.3f} max {result['period_error_ms']['max']:7.3f} ms | "
-                      f"frame age p50 {result['frame_age_ms']['p50']:6.1f} ms | reused {result['frames_reused']:3d} | "
-                      f"invoke p50 {result['invoke_ms']['p50']:5.2f} ms | overhead p99 "
-                      f"{result['overhead_ms']['p99']:5.2f} ms | start {result['startup_s']:5.2f} s | "
-                      f"RSS {result['rss_mb']:6.1f} MB", flush=True)
+                print(describe(loop, load, result), flush=True)
     finally:
         twin.send_signal(signal.SIGTERM)
         twin.wait(10)
     ratios = {}
-    for load in LOADS:
-        ours = next(r for r in runs if r["loop"] == "ours" and r["load"] == load)
-        theirs = next(r for r in runs if r["loop"] == "donkeycar" and r["load"] == load)
-        ratios[load] = round(theirs["period_error_ms"]["p99"] / max(ours["period_error_ms"]["p99"], 1e-3), 1)
-        print(f"p99 period error, DonkeyCar / ours, load {load}: {ratios[load]}x")
+    for load in loads:
+        ours = next(r for r in runs if r["loop"] == "ours" and r["load"] == load)["external"]
+        theirs = next(r for r in runs if r["loop"] == "donkeycar" and r["load"] == load)["external"]
+        if "period_error_ms" in ours and "period_error_ms" in theirs:
+            ratios[load] = {
+                "period_p99": round(theirs["period_error_ms"]["p99"] / max(ours["period_error_ms"]["p99"], 1e-3), 1),
+                "latency_p99": round(theirs["latency_ms"]["p99"] / max(ours["latency_ms"]["p99"], 1e-3), 1)}
+            print(f"DonkeyCar / ours (locked), external, load {load}: period error p99 "
+                  f"{ratios[load]['period_p99']}x, latency p99 {ratios[load]['latency_p99']}x")
     (RESULTS / "drive_loop.json").write_text(json.dumps({"machine": machine(), "rate_hz": RATE_HZ,
                                                          "seconds": args.seconds, "runs": runs,
-                                                         "p99_ratio": ratios}, indent=1) + "\n")
-    plot(runs, RESULTS / "drive_loop.png")
+                                                         "ratios": ratios}, indent=1) + "\n")
+    plot(runs, loads, RESULTS / "drive_loop.png")
     print(f"wrote {RESULTS / 'drive_loop.json'} and {RESULTS / 'drive_loop.png'}")
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
+def plot(runs: list[dict[str, Any]], loads: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(LOADS), figsize=(13, 4), sharey=True)
-    colours = {"ours": "tab:blue", "ours-camera": "tab:cyan", "donkeycar": "tab:red"}
-    labels = {"ours": "donkey-agent (timer)", "ours-camera": "donkey-agent (camera-paced)",
-              "donkeycar": "DonkeyCar Vehicle loop"}
-    for axis, load in zip(axes, LOADS, strict=True):
+    fig, axes = plt.subplots(2, len(loads), figsize=(3.6 * len(loads) + 1, 7), sharey="row", squeeze=False)
+    colours = {"ours": "tab:blue", "ours-camera": "tab:cyan", "ours-timer": "tab:green", "donkeycar": "tab:red"}
+    labels = {"ours": "donkey-agent, locked (default)", "ours-camera": "donkey-agent, camera-paced",
+              "ours-timer": "donkey-agent, timer", "donkeycar": "DonkeyCar Vehicle loop"}
+    for column, load in enumerate(loads):
         for run in (r for r in runs if r["load"] == load):
-            samples = np.sort(np.maximum(np.asarray(run["period_error_samples_ms"]), 1e-3))
-            axis.plot(samples, 1 - np.linspace(0, 1, len(samples), endpoint=False), label=labels[run["loop"]],
-                      color=colours[run["loop"]])
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.axvline(1.0, color="grey", linestyle="--", linewidth=0.8)
-        axis.set_title(f"load: {load}")
-        axis.set_xlabel("period error (ms, log)")
-    axes[0].set_ylabel("fraction of cycles above (log)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Period error at {RATE_HZ:.0f} Hz: complementary CDF (lower and further left is better)")
+            external = run.get("external", {})
+            for row, key in enumerate(("period_error_samples_ms", "latency_samples_ms")):
+                if key not in external:
+                    continue
+                samples = np.sort(np.maximum(np.asarray(external[key]), 1e-3))
+                axes[row][column].plot(samples, 1 - np.linspace(0, 1, len(samples), endpoint=False),
+                                       label=labels[run["loop"]], color=colours[run["loop"]])
+        for row, title in enumerate(("period error (ms, log)", "frame-to-control latency (ms, log)")):
+            axis = axes[row][column]
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_xlabel(title)
+            if row == 0:
+                axis.set_title(f"load: {load}")
+    for row in range(2):
+        axes[row][0].set_ylabel("fraction of controls above (log)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Timed from outside (kernel timestamps on the simulator link), {RATE_HZ:.0f} Hz: "
+                 "complementary CDFs, lower and further left is better")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
