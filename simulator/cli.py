@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--exit-on-quit", action="store_true", help="stop the twin when a client sends quit_app")
     serve.add_argument("--greeting-delay", type=_non_negative, default=0.05, metavar="SECONDS",
                        help="from a connection to its first message (default 0.05, about one frame, as Unity)")
-    serve.add_argument("--max-connections", type=_positive(int), default=32, metavar="N",
-                       help="connections served at once; more are closed at once (default 32)")
+    serve.add_argument("--max-connections", type=_positive(int), default=16, metavar="N",
+                       help="connections served at once; more are closed at once (default 16)")
     serve.add_argument("--max-camera", type=_size, default=640 * 480, metavar="WxH",
                        help="pixel budget per camera; larger cam_config sizes are scaled down (default 640x480)")
 

@@ -6,8 +6,10 @@ docs/performance.md). They run on worker threads in two lanes: peers whose frame
 little share the *light* lane, and a peer whose measured cost per frame is over
 ``HEAVY_FRAME_S`` moves to the *heavy* lane, served by its own worker. A cheap frame therefore
 never waits behind an expensive one, and expensive peers share one worker among them (each
-has at most one frame in flight, so they take turns). NumPy and Pillow release the GIL for
-much of the work, so the lanes also use the second core.
+has at most one frame in flight, so they take turns). On top of that each peer's frames may
+use at most ``PEER_CPU_SHARE`` of a core: a camera that costs 40 ms a frame gets about 6 frames
+a second instead of 20. NumPy and Pillow release the GIL for much of the work, so the lanes
+also use the second core.
 
 The event loop keeps the physics, the protocol and the socket writes; a session hands over a
 ``FrameJob`` (the telemetry fields and a render closure, with the pose copied at the tick)
@@ -34,6 +36,7 @@ from simulator.peer_config import ENCODINGS
 from simulator.render import CameraConfig
 
 HEAVY_FRAME_S = 0.005  # a peer whose frames cost more than this (render + encode) moves to the heavy lane
+PEER_CPU_SHARE = 0.25  # of one core, at most, for one peer's frames: a dearer camera gets fewer frames a second
 COST_SMOOTHING = 0.3  # weight of the newest frame in a peer's cost estimate
 PNG_COMPRESS_LEVEL = 1  # zlib level: 40 % cheaper than Pillow's default 6 at 640x480, 35 % larger
 
@@ -93,6 +96,10 @@ class PeerCost:
     @property
     def heavy(self) -> bool:
         return self.seconds > HEAVY_FRAME_S
+
+    def min_interval(self, share: float = PEER_CPU_SHARE) -> float:
+        """The shortest time between two of this peer's frames that keeps it within its CPU share."""
+        return self.seconds / share
 
 
 class FramePool:

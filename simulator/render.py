@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import numpy as np
 from numpy.typing import NDArray
@@ -77,7 +77,7 @@ class Randomization:
         return self.lighting > 0 or self.texture > 0 or self.noise > 0
 
 
-@cache
+@lru_cache(maxsize=4)  # a new generated road each load must not pile up rasters
 def _label_raster(track: Track) -> tuple[NDArray[np.uint8], float, float]:
     """Top-down labels of the world at TEXTURE_RESOLUTION, painted road, then lines on top."""
     lo = track.points.min(axis=0) - TEXTURE_MARGIN

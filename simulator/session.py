@@ -72,6 +72,7 @@ class CarSession:
         self._warned: set[str] = set()
         self._closed = asyncio.Event()
         self._last_load = -math.inf
+        self._next_frame_at = -math.inf  # a costly camera waits here: its peer's CPU share
 
     # -- logging: each kind once per peer ------------------------------------------------------
     def problem(self, kind: str, detail: str) -> None:
@@ -211,7 +212,17 @@ class CarSession:
                     self.output.send({"msg_type": "collision_with_starting_line", "starting_line_index": 0,
                                       "timeStamp": crossing.time, "lap_time": crossing.lap_time or 0.0,
                                       "car_name": self.style.car_name}, "event")
-                await self._send_frame(car, record)
+                    if crossing.lap_time is not None:
+                        log.info("peer %s: car %d lap %d in %.2f s", self.peer, record.number, car.stats.laps,
+                                 crossing.lap_time)
+                if now >= self._next_frame_at:
+                    await self._send_frame(car, record)
+                    self._next_frame_at = now + self.cost.min_interval() - period / 2
+                else:
+                    record.frames_throttled += 1
+                    self._warn_once("costly camera", f"frames cost {self.cost.seconds * 1000:.0f} ms each: sent at "
+                                                     f"{1 / max(period, self.cost.min_interval()):.1f} Hz, within "
+                                                     "this peer's share of the CPU")
             else:
                 last_step = None
             deadline += period
@@ -223,7 +234,9 @@ class CarSession:
                     record.frames_skipped += missed
 
     async def _send_frame(self, car: TwinCar, record: CarRecord) -> None:
-        if not self.output.room_for("frame"):  # not rendered at all: a peer that does not read costs nothing
+        # Not rendered at all unless it would be written: a peer that does not read costs nothing
+        # once its backlog is full.
+        if not self.output.room_for("frame"):
             record.frames_dropped += 1
             self.problem("slow reader", "the peer is not reading; its frames are dropped")
             return
@@ -306,6 +319,7 @@ class CarSession:
                                                        max_pixels=max_pixels)
         self._report(problems)
         self.cost.reset(self.camera, self.camera_b)
+        self._next_frame_at = -math.inf
 
     async def _regen_road(self, message: dict[str, Any]) -> None:
         """Unity's ``regen_road``: a new road from ``rand_seed``, in the generated-road scene only."""
