@@ -535,7 +535,7 @@ def test_exit_scene_back_to_menu_and_reload(twin: Callable[..., RunningTwin]) ->
 
 
 # -- 9: laps --------------------------------------------------------------------------------------
-def test_collision_with_starting_line_once_per_lap(twin: Callable[..., RunningTwin]) -> None:
+def test_collision_with_starting_line_once_per_crossing(twin: Callable[..., RunningTwin]) -> None:
     server = twin(track="generated_track", time_scale=20.0)
     client = server.connect_with_car()
     start, _ = client.wait_for("telemetry")
