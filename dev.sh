@@ -76,6 +76,15 @@ lint() {
     "$VENV/bin/mypy"
 }
 
+# Every benchmark, one after another (about 25 min on a 2-core machine); figures in bench/results/, written up in
+# docs/performance.md. Nothing else should run meanwhile: they measure time.
+run_benchmarks() {
+    for bench in twin_frame twin_isolation drive_loop mqtt_publish soak; do
+        say "bench/$bench.py"
+        "$VENV/bin/python" -m "bench.$bench"
+    done
+}
+
 run_tests() {
     ensure_env "dev" "${TEST_DEBS[@]}"
     say "lint"
@@ -88,7 +97,7 @@ case "${1:-}" in
     demo) demo ;;
     test) shift; run_tests "$@" ;;
     train-model) ensure_env "train" "${TEST_DEBS[@]}"; NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" models/train.py ;;
-    bench) ensure_env "dev" "${TEST_DEBS[@]}"; shift; "$VENV/bin/python" bench/twin_frame.py "$@" ;;
+    bench) ensure_env "dev" "${TEST_DEBS[@]}"; run_benchmarks ;;
     lint) ensure_env "dev" "${TEST_DEBS[@]}"; lint ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

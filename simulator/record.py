@@ -118,7 +118,7 @@ def record_in_process(
 
 def completed_laps(client: SimClient) -> int:
     """Laps as gym-donkeycar counts them: the first start-line crossing starts the clock."""
-    return max(0, client.laps - 1)
+    return client.laps
 
 
 def drive_over_protocol(

@@ -121,7 +121,7 @@ class SimClient:
         self._bad: dict[str, int] = {}
         self._warned: set[str] = set()
         self.scene_names: list[str] = []
-        self.laps = 0  # collision_with_starting_line messages received
+        self.line_crossings = 0  # collision_with_starting_line messages received (the first starts the timing)
         self.frames = 0  # telemetry messages published
         self.frames_without_image = 0  # telemetry messages that carried no valid image: no frame
         self.disconnect_reason: str | None = None
@@ -131,6 +131,11 @@ class SimClient:
         if self.image_b_size is not None:
             cap += 2 * max_image_b64(*self.image_b_size)  # the twin sends camera B twice (imageb, image_b)
         return cap
+
+    @property
+    def laps(self) -> int:
+        """Laps completed, as gym-donkeycar counts them: crossings after the first."""
+        return max(0, self.line_crossings - 1)
 
     # -- lifecycle -----------------------------------------------------------------------
     def connect(self) -> SimClient:
@@ -275,6 +280,7 @@ class SimClient:
             "bad_messages": bad,
             "framing": self._splitter.stats.as_dict(),
             "laps": self.laps,
+            "line_crossings": self.line_crossings,
         }
 
     @property
@@ -368,7 +374,7 @@ class SimClient:
             self._loaded.set()
             self._settled.set()
         elif kind == "collision_with_starting_line":
-            self.laps += 1
+            self.line_crossings += 1
         elif not isinstance(kind, str):
             raise BadMessageError("bad_field:msg_type", f"not a string: {kind!r:.40}")
         else:
