@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.twin_peers import KINDS, HostilePeers, TwinProcess
+from tests.twin_peers import KINDS, HostilePeers, TwinProcess, received
 
 ROOT = Path(__file__).parent.parent
 RESULTS = Path(__file__).parent / "results"
@@ -50,17 +50,8 @@ class FrameCounters:
             thread.start()
 
     def _read(self, index: int, sock: socket.socket) -> None:
-        sock.settimeout(0.5)
         buffer = b""
-        while not self.stopping.is_set():
-            try:
-                data = sock.recv(256 * 1024)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
+        for data in received(sock, self.stopping, 256 * 1024):
             buffer += data
             *lines, buffer = buffer.split(b"\n")
             if self.counting.is_set():

@@ -63,10 +63,17 @@ def wait_ready(agent: subprocess.Popen[str]) -> list[str]:
     raise AssertionError("the agent did not become ready:\n" + "".join(lines))
 
 
-def cars(twin: subprocess.Popen[str], summary: Path) -> list[dict]:
-    twin.send_signal(signal.SIGTERM)
-    twin.wait(20)
-    return json.loads(summary.read_text())["cars"]
+class Twin:
+    """The twin in its own process; ``cars()`` stops it and returns its own summary of every car it served."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.summary = tmp_path / "summary.json"
+        self.process, self.port = start_twin("--track", "generated_track", "--summary", str(self.summary))
+
+    def cars(self) -> list[dict]:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(20)
+        return json.loads(self.summary.read_text())["cars"]
 
 
 def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
@@ -74,9 +81,8 @@ def cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 
 def test_an_estop_survives_kill_and_restart_until_cleared(tmp_path: Path) -> None:
-    summary = tmp_path / "summary.json"
-    twin, port = start_twin("--track", "generated_track", "--summary", str(summary))
-    config = write_config(tmp_path, port)
+    twin = Twin(tmp_path)
+    config = write_config(tmp_path, twin.port)
     try:
         first = start(config)
         wait_ready(first)
@@ -107,7 +113,7 @@ def test_an_estop_survives_kill_and_restart_until_cleared(tmp_path: Path) -> Non
             agent = locals().get(process)
             if agent is not None and agent.poll() is None:
                 agent.kill()
-        result = cars(twin, summary)
+        result = twin.cars()
     assert len(result) == 3
     assert result[0]["distance_m"] > 0.5  # the first car drove
     assert result[1]["distance_m"] < 0.05 and result[1]["last_controls"] == [0.0, 0.0]  # restarted e-stopped
@@ -116,9 +122,8 @@ def test_an_estop_survives_kill_and_restart_until_cleared(tmp_path: Path) -> Non
 
 @pytest.mark.parametrize("after_crash", ["hold", "resume"])
 def test_a_crash_while_driving_holds_the_next_start_unless_told_to_resume(tmp_path: Path, after_crash: str) -> None:
-    summary = tmp_path / "summary.json"
-    twin, port = start_twin("--track", "generated_track", "--summary", str(summary))
-    config = write_config(tmp_path, port, f'after_crash = "{after_crash}"')
+    twin = Twin(tmp_path)
+    config = write_config(tmp_path, twin.port, f'after_crash = "{after_crash}"')
     try:
         first = start(config)
         wait_ready(first)
@@ -129,7 +134,7 @@ def test_a_crash_while_driving_holds_the_next_start_unless_told_to_resume(tmp_pa
         _, log = second.communicate(timeout=60)
         running = cli("faults", config=config)
     finally:
-        result = cars(twin, summary)
+        result = twin.cars()
     assert second.returncode == 0, log[-3000:]
     if after_crash == "hold":
         assert "fault=unclean_exit" in log and "ended without stopping while the car was driving" in log
@@ -141,9 +146,8 @@ def test_a_crash_while_driving_holds_the_next_start_unless_told_to_resume(tmp_pa
 
 
 def test_a_clean_stop_drives_again_and_two_agents_cannot_share_a_car(tmp_path: Path) -> None:
-    summary = tmp_path / "summary.json"
-    twin, port = start_twin("--track", "generated_track", "--summary", str(summary))
-    config = write_config(tmp_path, port)
+    twin = Twin(tmp_path)
+    config = write_config(tmp_path, twin.port)
     try:
         first = start(config)
         wait_ready(first)
@@ -155,7 +159,7 @@ def test_a_clean_stop_drives_again_and_two_agents_cannot_share_a_car(tmp_path: P
         second = start(config, "--duration", "3")
         _, log = second.communicate(timeout=60)
     finally:
-        result = cars(twin, summary)
+        result = twin.cars()
     assert twin_agent.returncode == 69 and "another donkey-agent is running" in twin_agent.stderr
     assert busy.returncode == 1 and "the agent is running" in busy.stderr
     assert first.returncode == 0 and second.returncode == 0, log[-2000:]

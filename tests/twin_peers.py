@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,21 @@ from simulator.scenes import scene_names
 SIM = [sys.executable, "-m", "simulator"]
 KINDS = ("flooder", "big_camera", "scene_flood", "idle")  # idle last: its connections fill the twin's limit
 
+
+
+def received(sock: socket.socket, stopping: threading.Event, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """What a socket receives, chunk by chunk, until ``stopping`` is set or the peer closes (a reader's loop)."""
+    sock.settimeout(0.5)
+    while not stopping.is_set():
+        try:
+            data = sock.recv(chunk)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+        if not data:
+            return
+        yield data
 
 class TwinProcess:
     """``donkey-sim serve`` with its log kept in memory and its summary read at the end."""
@@ -140,16 +156,7 @@ class HostilePeers:
 
     def _read_all(self, sock: socket.socket, kind: str) -> None:
         """Read and discard until stopped (a reader thread for the kinds that read)."""
-        sock.settimeout(0.5)
-        while not self.stopping.is_set():
-            try:
-                data = sock.recv(1 << 20)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
+        for data in received(sock, self.stopping):
             self.received[kind] += len(data)
 
     def _flooder(self, sock: socket.socket) -> None:

@@ -28,6 +28,7 @@ from typing import ClassVar
 from agent.core.control import MODES
 from agent.core.faults import Fault
 from agent.errors import AgentError
+from agent.ratelimit import TokenBucket
 
 
 class CommandError(AgentError, ValueError):
@@ -132,32 +133,20 @@ class CommandLane:
         self.taken = 0  # written by the drive thread only
         self.refused_full = 0
         self.refused_rate = 0
-        self._tokens = float(burst)
-        self._refilled = self._clock()
+        self._bucket = TokenBucket(rate_per_s, burst, clock)
 
     def submit(self, command: Command) -> str:
         """Hand a command to the core; "" on success, else why it was refused (nothing changed)."""
         if self.pushed - self.taken >= self.capacity:
             self.refused_full += 1
             return f"refused: the {self.source} command lane is full ({self.capacity} waiting)"
-        if not self._take_token():
+        if not self._bucket.take():
             self.refused_rate += 1
             return f"refused: over the {self.source} rate limit ({self.rate_per_s:g} commands/s)"
         command.source = self.source
         self._items.append(command)
         self.pushed += 1
         return ""
-
-    def _take_token(self) -> bool:
-        if math.isinf(self.rate_per_s):
-            return True
-        now = self._clock()
-        self._tokens = min(float(self.burst), self._tokens + (now - self._refilled) * self.rate_per_s)
-        self._refilled = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
 
     def take(self) -> Command | None:
         try:

@@ -314,7 +314,8 @@ class DriveCore:
             row[INDEX["start"]] = now
             row[INDEX["wait_ms"]] = (now - start) * 1e3
             decider.accept_stops(self.stops.new_requests(), now, stall=self.deadman.acknowledge())
-            self._apply_commands(now)
+            held_by = self.stops.held_by()  # once a cycle: the clear gate and the snapshot both use it
+            self._apply_commands(now, held_by)
             new_frame = frame is not None and frame.seq > last_seq
             if frame is not None and new_frame:
                 if frame.seq > last_seq + 1:
@@ -359,7 +360,7 @@ class DriveCore:
             previous_actuation = actuation
             self.heartbeat = done
             self.alive_until = done + period + self.deadman_limit
-            self._publish_snapshot(steering, throttle, done)
+            self._publish_snapshot(steering, throttle, done, held_by)
 
             if new_frame and frame is not None and decider.recording and self.parts.recorder is not None:
                 manual = self.manual.latest
@@ -385,8 +386,7 @@ class DriveCore:
         except Exception as exc:  # any model failure means neutral, never a crash
             return Inference(invoke_s=clock() - t0, failure=f"{type(exc).__name__}: {exc}"[:200])
 
-    def _apply_commands(self, now: float) -> None:
-        held_by = self.stops.held_by()
+    def _apply_commands(self, now: float, held_by: str) -> None:
         for lane in self.lanes:
             while (command := lane.take()) is not None:
                 self.decider.apply(command, now, held_by=held_by)
@@ -411,10 +411,10 @@ class DriveCore:
             pass
         return 0.0, 0.0
 
-    def _publish_snapshot(self, steering: float, throttle: float, now: float) -> None:
-        self.snapshot = self._make_snapshot(steering, throttle, now)
+    def _publish_snapshot(self, steering: float, throttle: float, now: float, held_by: str | None = None) -> None:
+        self.snapshot = self._make_snapshot(steering, throttle, now, held_by)
 
-    def _make_snapshot(self, steering: float, throttle: float, now: float) -> DriveStatus:
+    def _make_snapshot(self, steering: float, throttle: float, now: float, held_by: str | None = None) -> DriveStatus:
         faults = self.faults
         if faults.version != self._faults_version:  # build the fault views only when they change
             self._faults_version = faults.version
@@ -423,4 +423,4 @@ class DriveCore:
         decider = self.decider
         return DriveStatus(decider.mode, self._fault_view, self._latched_view, decider.max_throttle,
                            decider.recording, steering, throttle, faults.ok and throttle != 0.0,
-                           self.stops.held_by(), now)
+                           self.stops.held_by() if held_by is None else held_by, now)

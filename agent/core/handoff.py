@@ -82,6 +82,9 @@ class ManualControl:
                 and math.isfinite(angle) and math.isfinite(throttle)):
             self.refused += 1
             return False
-        clamp = lambda x: max(-1.0, min(1.0, float(x)))  # noqa: E731
-        self.latest = (clamp(angle), clamp(throttle), time.monotonic() if at is None else at)
+        self.latest = (_unit(angle), _unit(throttle), time.monotonic() if at is None else at)
         return True
+
+
+def _unit(value: float) -> float:
+    return max(-1.0, min(1.0, float(value)))

@@ -197,6 +197,8 @@ class LockedPacer(Pacer):
                 sleep_coarse(deadline, clock, self.sleep)
             self.late_frames += 1
             return Wake(frame, error, 0.0)
+        if woke < last_cycle + MIN_SPACING * self.period:  # a burst of frames: never two cycles in half a period
+            sleep_coarse(last_cycle + MIN_SPACING * self.period, clock, self.sleep)
         tick = lock.predict(frame.seq)  # when this frame was due: the smooth line, not its jittery arrival
         lock.observe(frame.seq, frame.timestamp)
         if not lock.locked:  # this frame broke the lock (a gap, a jump): no phase to write on

@@ -36,7 +36,7 @@ class PhaseLock:
 
     def __init__(self, nominal_period: float, *, alpha: float = 0.05, beta: float = 0.0006, lock_frames: int = 8,
                  window: int = 200, guard_percentile: float = 95.0, outlier_fraction: float = 0.4,
-                 max_outliers: int = 3, max_drift: float = 0.05) -> None:
+                 max_outliers: int = 3, max_drift: float = 0.05, guard_every: int = 10) -> None:
         self.nominal = nominal_period
         # The filter's gains in steady state: how much of a residual moves the phase, and the period (per frame
         # of distance). Small, so one frame's jitter barely moves the output's phase; while acquiring the gains
@@ -50,6 +50,10 @@ class PhaseLock:
         self.max_outliers = max_outliers  # outliers in a row before the lock is dropped and acquired anew
         self.max_drift = max_drift  # the estimated period stays within this fraction of the nominal one
         self._residuals: deque[float] = deque(maxlen=window)
+        # The guard is a percentile over the window: recomputed every ``guard_every`` frames on the observing
+        # (drive) thread, never per cycle, and read by other threads (status) only as this one float.
+        self.guard_every = guard_every
+        self._guard = outlier_fraction * nominal_period / 2
         self.dropped_frames = 0
         self.outliers = 0
         self.relocks = 0
@@ -62,6 +66,8 @@ class PhaseLock:
         self._good_in_a_row = 0
         self._outliers_in_a_row = 0
         self._residuals.clear()
+        self._guard = self.outlier_fraction * self.nominal / 2
+        self._since_guard = self.guard_every  # the first full window computes at once
 
     @property
     def locked(self) -> bool:
@@ -87,6 +93,11 @@ class PhaseLock:
         self._outliers_in_a_row = 0
         self._good_in_a_row += 1
         self._residuals.append(residual)
+        self._since_guard += 1
+        if len(self._residuals) >= self.lock_frames and self._since_guard >= self.guard_every:
+            self._since_guard = 0
+            deviations = np.abs(np.fromiter(self._residuals, dtype=np.float64))
+            self._guard = float(np.percentile(deviations, self.guard_percentile))
         n = self._good_in_a_row
         alpha = max(self.alpha, 2 * (2 * n - 1) / (n * (n + 1)))
         beta = max(self.beta, 6 / (n * (n + 1)))
@@ -115,10 +126,7 @@ class PhaseLock:
 
     def guard(self) -> float:
         """How long after its predicted time a frame is still on time (s): the jitter's high percentile."""
-        if len(self._residuals) < self.lock_frames:
-            return self.outlier_fraction * self.period / 2
-        deviations = np.abs(np.fromiter(self._residuals, dtype=np.float64))
-        return float(np.percentile(deviations, self.guard_percentile))
+        return self._guard
 
     def status(self) -> LockStatus:
         return LockStatus(self.locked, self.period, round(self.guard() * 1000, 3), self.dropped_frames,

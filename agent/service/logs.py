@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from agent.ratelimit import TokenBucket
+
 # sd-daemon(3) prefixes: journald reads "<N>" at the start of a line as the syslog priority.
 PRIORITIES = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -51,7 +53,7 @@ class RateLimit(logging.Filter):
         self.burst = burst
         self.per_s = per_s
         self.clock = clock
-        self._buckets: dict[tuple[Any, ...], list[float]] = {}  # key -> [tokens, last refill, suppressed]
+        self._buckets: dict[tuple[Any, ...], tuple[TokenBucket, list[int]]] = {}  # key -> bucket, [suppressed]
         self.suppressed = 0
         self._lock = threading.Lock()  # filters run before the handler's own lock, on any thread
 
@@ -62,20 +64,17 @@ class RateLimit(logging.Filter):
     def _admit(self, record: logging.LogRecord) -> bool:
         first = record.args[0] if isinstance(record.args, tuple) and record.args else None
         key = (record.name, record.levelno, record.msg, first if isinstance(first, str | int) else None)
-        now = self.clock()
-        bucket = self._buckets.get(key)
-        if bucket is None:
+        entry = self._buckets.get(key)
+        if entry is None:
             if len(self._buckets) >= 1024:  # bounded: forget the oldest templates
                 self._buckets.pop(next(iter(self._buckets)))
-            bucket = self._buckets[key] = [float(self.burst), now, 0.0]
-        bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.per_s)
-        bucket[1] = now
-        if bucket[0] < 1.0:
-            bucket[2] += 1
+            entry = self._buckets[key] = (TokenBucket(self.per_s, self.burst, self.clock), [0])
+        bucket, suppressed = entry
+        if not bucket.take():
+            suppressed[0] += 1
             self.suppressed += 1
             return False
-        bucket[0] -= 1.0
-        if bucket[2]:
-            record.msg = f"{record.msg} [{int(bucket[2])} similar lines suppressed]"
-            bucket[2] = 0.0
+        if suppressed[0]:
+            record.msg = f"{record.msg} [{suppressed[0]} similar lines suppressed]"
+            suppressed[0] = 0
         return True

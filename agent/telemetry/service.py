@@ -40,6 +40,7 @@ from agent.core.commands import Command, CommandLane
 from agent.core.handoff import Event
 from agent.core.stops import StopSource
 from agent.errors import AgentError
+from agent.ratelimit import TokenBucket
 from agent.telemetry import commands, homeassistant, topics
 from agent.telemetry.commands import SeenIds
 from agent.telemetry.outbox import Outbox
@@ -76,21 +77,6 @@ class Inbound:
     retained: bool
     received: float
     press: int = 0  # non-zero: an e-stop already pressed on the MQTT thread
-
-
-class TokenBucket:
-    def __init__(self, rate_per_s: float, burst: float) -> None:
-        self.rate_per_s, self.burst = rate_per_s, burst
-        self.tokens, self._last = burst, time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self._last) * self.rate_per_s)
-        self._last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
 
 
 class TelemetryService:
