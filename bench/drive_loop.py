@@ -41,10 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "models" / "pilot.tflite"
 RATE_HZ = 20.0
-LOADS = ("none", "cpu-stress", "in-process", "realistic")  # "mqtt-flood" is run by bench/mqtt_publish.py
+LOADS = ("none", "cpu-stress", "in-process", "realistic", "jitter")  # "mqtt-flood" is run by bench/mqtt_publish.py
 LOOPS = ("ours", "ours-camera", "ours-timer", "donkeycar")
 PACING = {"ours": "locked", "ours-camera": "camera", "ours-timer": "timer"}
-SKIP_CONTROLS = 40  # warm-up (and the phase lock's acquisition) left out of the external figures
+JITTER_MS = 5.0  # the "jitter" load: the relay delays each frame by 0-10 ms (a camera +-5 ms around its mean)
+SKIP_CONTROLS = 60  # warm-up, the phase lock's acquisition and the offset's first setting (~2 s) left out
 
 
 # -- loads ---------------------------------------------------------------------------------------
@@ -163,6 +164,11 @@ def recorder_for(load: str, directory: Path) -> Any:
 
 
 # -- our drive core --------------------------------------------------------------------------------
+def output_delay_ms() -> float:
+    """Camera and timer pacing's fixed delay: the default 10 ms, or half a period at rates above 50 Hz."""
+    return min(10.0, 500.0 / RATE_HZ)
+
+
 def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any]:
     from agent.config import DriveConfig, RealtimeConfig
     from agent.core.drive import DriveCore, DriveParts
@@ -173,6 +179,7 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
     link, camera, actuators = parts(port)
     recorder = recorder_for(load, Path(tempfile.mkdtemp()) / "tub")
     config = DriveConfig(rate_hz=RATE_HZ, pacing=pacing, max_throttle=0.5,  # type: ignore[arg-type]
+                         output_delay_ms=output_delay_ms(),
                          realtime=RealtimeConfig(priority=50, lock_memory=True))
     core = DriveCore(config, DriveParts(camera, actuators, lambda: Autopilot(MODEL), recorder))
     with Load(load) as running_load:
@@ -193,6 +200,7 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
     if published is not None:
         result["published_per_s"] = round(published[0] / seconds, 1)  # sent on the socket (on_publish)
     result["frames_missed"] = core.metrics.frames_missed
+    result["pacing"] = core.pacer.status()
     if recorder is not None:
         recorder.close()
         result["recorded"] = recorder.written
@@ -287,7 +295,8 @@ def run_donkeycar(port: int, seconds: float, load: str) -> dict[str, Any]:
 
 # -- orchestration --------------------------------------------------------------------------------
 def start_twin() -> tuple[subprocess.Popen[str], int]:
-    command = [sys.executable, "-m", "simulator", "serve", "--port", "0", "--track", "generated_track"]
+    command = [sys.executable, "-m", "simulator", "serve", "--port", "0", "--track", "generated_track", "--fps",
+               str(RATE_HZ)]
     if os.geteuid() == 0 and shutil.which("chrt"):
         command = ["chrt", "-f", "40", *command]
     twin = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=ROOT)
@@ -313,12 +322,16 @@ def free_port() -> int:
 class Stopwatch:
     """bench/stopwatch.py in its own process, relaying to the twin: the external timing of one run."""
 
-    def __init__(self, twin_port: int) -> None:
+    def __init__(self, twin_port: int, jitter_ms: float = 0.0) -> None:
         self.port = free_port()
         self.out = Path(tempfile.mkdtemp()) / "times.json"
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stopwatch.py"), "--listen",
-                                         str(self.port), "--upstream", f"127.0.0.1:{twin_port}", "--out",
-                                         str(self.out)], cwd=ROOT)
+        command = [sys.executable, str(ROOT / "bench" / "stopwatch.py"), "--listen", str(self.port), "--upstream",
+                   f"127.0.0.1:{twin_port}", "--out", str(self.out), "--jitter-ms", str(jitter_ms)]
+        if os.geteuid() == 0 and shutil.which("chrt"):
+            # The instrument must not be the jitter it measures: at a normal priority, a loaded machine delays
+            # its forwarding of frames by milliseconds (its timestamps stay the kernel's, the loop's input not).
+            command = ["chrt", "-f", "45", *command]
+        self.process = subprocess.Popen(command, cwd=ROOT)
         deadline = time.monotonic() + 10
         while not _listening(self.port) and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -332,7 +345,8 @@ class Stopwatch:
         connections = json.loads(self.out.read_text())
         busiest = max(connections, key=lambda c: len(c["controls"]))  # the loop's car (not a probe)
         # leave out the warm-up at the start and the stop at the end (a neutral and a brake, back to back)
-        return analyse(busiest["frames"], busiest["controls"][:-3], 1.0 / RATE_HZ, skip=SKIP_CONTROLS)
+        skip = int(SKIP_CONTROLS * RATE_HZ / 20.0)  # the same ~3 s at any rate
+        return analyse(busiest["frames"], busiest["controls"][:-3], 1.0 / RATE_HZ, skip=skip)
 
 
 def _listening(port: int) -> bool:
@@ -347,13 +361,14 @@ def _listening(port: int) -> bool:
 
 def run_child(loop: str, load: str, seconds: float, port: int) -> dict[str, Any]:
     """One loop under one load, through a stopwatch: its own figures and the stopwatch's."""
-    stopwatch = Stopwatch(port)
+    stopwatch = Stopwatch(port, JITTER_MS if load == "jitter" else 0.0)
     try:
         if loop != "donkeycar" and load == "realistic":
             result = run_agent(stopwatch.port, seconds, PACING[loop])
         else:
             out = subprocess.run([sys.executable, __file__, "--child", loop, "--load", load, "--seconds",
-                                  str(seconds), "--port", str(stopwatch.port)], capture_output=True, text=True,
+                                  str(seconds), "--port", str(stopwatch.port), "--rate", str(RATE_HZ)],
+                                 capture_output=True, text=True,
                                  cwd=ROOT, timeout=seconds * 4 + 120, check=False)
             if out.returncode != 0:
                 raise SystemExit(f"{loop}/{load} failed:\n{out.stderr[-3000:]}")
@@ -374,7 +389,8 @@ def run_agent(port: int, seconds: float, pacing: str) -> dict[str, Any]:
     broker = Broker(work).start()
     metrics = free_port()
     config = work / "agent.toml"
-    config.write_text(f"""[drive]\npacing = "{pacing}"\n[drive.realtime]\npriority = 50
+    config.write_text(f"""[drive]\npacing = "{pacing}"\nrate_hz = {RATE_HZ}\noutput_delay_ms = {output_delay_ms()}
+[drive.realtime]\npriority = 50
 [state]\ndirectory = "{work / 'state'}"
 [telemetry]\nurl = "mqtt://127.0.0.1:{broker.port}"\ncar_id = "bench"\nprometheus = "127.0.0.1:{metrics}"
 command_rate_per_s = 50.0\n""")
@@ -439,17 +455,25 @@ def describe(loop: str, load: str, result: dict[str, Any]) -> str:
     return (f"{loop:12s} {load:11s} | external period error p50 {fig(ext.get('period_error_ms', {}), 'p50')} "
             f"p99 {fig(ext.get('period_error_ms', {}), 'p99')} max {fig(ext.get('period_error_ms', {}), 'max')} | "
             f"latency p50 {fig(ext.get('latency_ms', {}), 'p50')} p99 {fig(ext.get('latency_ms', {}), 'p99')} | "
-            f"no new frame {ext.get('controls_without_new_frame', '–')} | internal p99 {fig(inside, 'p99')}")
+            f"no new frame {ext.get('controls_without_new_frame', '–')} | internal p99 {fig(inside, 'p99')}"
+            + (" | held {held_outputs} late frames {late_frames} late outputs {late_outputs} offset "
+               "{output_offset_ms} ms".format(**result["pacing"])
+               if "held_outputs" in result.get("pacing", {}) else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated, of " + ", ".join(LOADS))
+    parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated, of " + ", ".join(LOOPS))
     parser.add_argument("--child", choices=list(LOOPS))
     parser.add_argument("--load", choices=[*LOADS, "mqtt-flood"], default="none")
     parser.add_argument("--port", type=int)
+    parser.add_argument("--rate", type=float, default=20.0, help="camera and control rate, Hz (default 20)")
     args = parser.parse_args()
+    global RATE_HZ  # noqa: PLW0603 (one setting for the whole run, children included)
+    RATE_HZ = args.rate
+    name = "drive_loop" if RATE_HZ == 20.0 else f"drive_loop_{RATE_HZ:g}hz"
     if args.child:
         if args.child == "donkeycar":
             result = run_donkeycar(args.port, args.seconds, args.load)
@@ -459,12 +483,13 @@ def main() -> None:
         os._exit(0)  # DonkeyCar leaves non-daemon threads behind
 
     loads = [load for load in args.loads.split(",") if load]
+    loops = [loop for loop in args.loops.split(",") if loop]
     RESULTS.mkdir(parents=True, exist_ok=True)
     twin, port = start_twin()
     runs = []
     try:
         for load in loads:
-            for loop in LOOPS:
+            for loop in loops:
                 result = run_child(loop, load, args.seconds, port)
                 runs.append({"loop": loop, "load": load, **result})
                 print(describe(loop, load, result), flush=True)
@@ -472,7 +497,7 @@ def main() -> None:
         twin.send_signal(signal.SIGTERM)
         twin.wait(10)
     ratios = {}
-    for load in loads:
+    for load in loads if {"ours", "donkeycar"} <= set(loops) else ():
         ours = next(r for r in runs if r["loop"] == "ours" and r["load"] == load)["external"]
         theirs = next(r for r in runs if r["loop"] == "donkeycar" and r["load"] == load)["external"]
         if "period_error_ms" in ours and "period_error_ms" in theirs:
@@ -481,11 +506,11 @@ def main() -> None:
                 "latency_p99": round(theirs["latency_ms"]["p99"] / max(ours["latency_ms"]["p99"], 1e-3), 1)}
             print(f"DonkeyCar / ours (locked), external, load {load}: period error p99 "
                   f"{ratios[load]['period_p99']}x, latency p99 {ratios[load]['latency_p99']}x")
-    (RESULTS / "drive_loop.json").write_text(json.dumps({"machine": machine(), "rate_hz": RATE_HZ,
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "rate_hz": RATE_HZ,
                                                          "seconds": args.seconds, "runs": runs,
                                                          "ratios": ratios}, indent=1) + "\n")
-    plot(runs, loads, RESULTS / "drive_loop.png")
-    print(f"wrote {RESULTS / 'drive_loop.json'} and {RESULTS / 'drive_loop.png'}")
+    plot(runs, loads, RESULTS / f"{name}.png")
+    print(f"wrote {RESULTS / name}.json and .png")
 
 
 def plot(runs: list[dict[str, Any]], loads: list[str], path: Path) -> None:

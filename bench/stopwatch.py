@@ -10,6 +10,10 @@ from the loop. ``analyse`` turns the two timestamp lists into the figures the dr
 - frame-to-control latency: each control's time minus the newest frame relayed before it;
 - controls without a new frame: controls with no frame relayed since the previous control.
 
+With ``--jitter-ms J`` it also plays a camera with jitter: each chunk from the simulator is forwarded after a
+random delay of 0 to 2J ms (order kept), while its timestamp stays the moment it arrived, so latency counts the
+delay as a camera's late delivery would.
+
     python bench/stopwatch.py --listen 9191 --upstream 127.0.0.1:9091 --out times.json   # stand-alone
 """
 
@@ -17,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import selectors
 import signal
 import socket
 import struct
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +57,11 @@ def count(chunk: bytes, markers: tuple[bytes, ...]) -> int:
 class Relay:
     """One loop connection relayed to the simulator; every message's kernel time recorded."""
 
-    def __init__(self, client: socket.socket, upstream: tuple[str, int]) -> None:
+    def __init__(self, client: socket.socket, upstream: tuple[str, int], jitter: float = 0.0) -> None:
         self.client = client
+        self.jitter = jitter  # s: frames leave 0..2*jitter after they came
+        self.held: deque[tuple[float, bytes]] = deque()  # (release time, chunk), in order
+        self._rng = random.Random(1)
         self.server = socket.create_connection(upstream)
         for sock in (self.client, self.server):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -66,7 +75,12 @@ class Relay:
         if not data:
             return False
         other = self.server if sock is self.client else self.client
-        other.sendall(data)
+        if self.jitter and sock is self.server:
+            release = time.monotonic() + self._rng.uniform(0.0, 2 * self.jitter)
+            self.held.append((max(release, self.held[-1][0]) if self.held else release, data))
+            self.flush()
+        else:
+            other.sendall(data)
         window = self._carry[sock] + data
         markers = CONTROL if sock is self.client else TELEMETRY
         found = count(window, markers) - count(self._carry[sock], markers)
@@ -74,12 +88,20 @@ class Relay:
         self._carry[sock] = window[-32:]
         return True
 
+    def flush(self) -> float | None:
+        """Forward the held chunks that are due; the time until the next one (None: none held)."""
+        now = time.monotonic()
+        while self.held and self.held[0][0] <= now:
+            self.client.sendall(self.held.popleft()[1])
+        return self.held[0][0] - now if self.held else None
+
     def close(self) -> None:
+        self.held.clear()
         for sock in (self.client, self.server):
             sock.close()
 
 
-def serve(listen: int, upstream: tuple[str, int], out: Path, ready: Any = None) -> None:
+def serve(listen: int, upstream: tuple[str, int], out: Path, ready: Any = None, jitter: float = 0.0) -> None:
     """Relay until SIGTERM, then write every connection's frame and control times to ``out``."""
     listener = socket.create_server(("127.0.0.1", listen))
     selector = selectors.DefaultSelector()
@@ -95,11 +117,12 @@ def serve(listen: int, upstream: tuple[str, int], out: Path, ready: Any = None) 
     if ready is not None:
         ready.set()
     while not stopping:
-        for key, _ in selector.select(0.2):
+        waits = [w for w in (relay.flush() for relay in relays if relay.held) if w is not None]
+        for key, _ in selector.select(max(0.0, min([0.2, *waits]))):
             sock = key.fileobj
             if sock is listener:
                 client, _ = listener.accept()
-                relay = Relay(client, upstream)
+                relay = Relay(client, upstream, jitter)
                 relays.append(relay)
                 selector.register(relay.client, selectors.EVENT_READ, relay)
                 selector.register(relay.server, selectors.EVENT_READ, relay)
@@ -143,9 +166,10 @@ def main() -> None:
     parser.add_argument("--listen", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="HOST:PORT of the simulator")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="delay frames by 0..2x this (a jittery camera)")
     args = parser.parse_args()
     host, _, port = args.upstream.rpartition(":")
-    serve(args.listen, (host, int(port)), args.out)
+    serve(args.listen, (host, int(port)), args.out, jitter=args.jitter_ms / 1000.0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ the drive thread's promise to the dead-man monitor (``promise``): the latest mom
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,9 +82,16 @@ class AdaptiveDelay:
             self._since_update = 0
             self.compute_p99 = float(np.percentile(np.fromiter(self._samples, dtype=np.float64), self.percentile))
 
-    def current(self, guard: float) -> float:
-        """The offset for this cycle: jumps to its target once (at lock), then moves at most ``slew`` a cycle."""
-        if self.compute_p99 <= 0.0:
+    def budget(self) -> float:
+        """How long before its slot a cycle must have its frame: the compute p99 plus half the margin (the other
+        half is the frame's: a camera with no measurable jitter still delivers a hair after its predicted time).
+        Until the compute time is measured, half the largest offset."""
+        return (self.compute_p99 if self.compute_p99 > 0.0 else self.maximum / 2) + self.margin / 2
+
+    def current(self, guard: float | None) -> float:
+        """The offset for this cycle: jumps to its target once (when the compute time and the guard are both
+        measured; until then the most the configuration allows), then moves at most ``slew`` a cycle."""
+        if self.compute_p99 <= 0.0 or guard is None:
             return self.offset
         target = min(self.maximum, max(self.minimum, guard + self.compute_p99 + self.margin))
         if not self._set:
@@ -91,6 +99,47 @@ class AdaptiveDelay:
         else:
             self.offset += max(-self.slew, min(self.slew, target - self.offset))
         return self.offset
+
+
+class ArrivalGuard:
+    """How late after its predicted time a frame reaches the loop: a high percentile over a window.
+
+    Measured where it matters, when the drive thread has the frame in hand, not at its timestamp: between the
+    two lie the camera stack's decoding and hand-over, which a guard on timestamps alone would leave out.
+    Early frames count as zero lateness (they wait for their slot). Recomputed every ``update_every`` frames,
+    never per cycle, and read by other threads only as one float.
+    """
+
+    def __init__(self, initial: float, *, percentile: float = 99.0, window: int = 200, update_every: int = 10,
+                 settle: int = 8, minimum_samples: int = 24) -> None:
+        self.initial = initial
+        self.value = initial
+        self.percentile = percentile
+        self.update_every = update_every
+        self.settle = settle  # frames ignored after (re)locking: the lock's first predictions are still rough
+        self.minimum_samples = minimum_samples  # before this many, the guard is not trusted (``ready``)
+        self._samples: deque[float] = deque(maxlen=window)
+        self._since_update = 0
+        self._seen = 0
+
+    @property
+    def ready(self) -> bool:
+        return len(self._samples) >= self.minimum_samples
+
+    def observe(self, lateness: float) -> None:
+        self._seen += 1
+        if self._seen <= self.settle:
+            return
+        self._samples.append(max(0.0, lateness))
+        self._since_update += 1
+        if self.ready and self._since_update >= self.update_every:
+            self._since_update = 0
+            self.value = float(np.percentile(np.fromiter(self._samples, dtype=np.float64), self.percentile))
+
+    def reset(self) -> None:
+        self._samples.clear()
+        self._since_update = self._seen = 0
+        self.value = self.initial
 
 
 class Pacer:
@@ -158,7 +207,16 @@ class TimerPacer(Pacer):
 
 
 class LockedPacer(Pacer):
-    """Phase-locked to the camera: wake for the predicted frame, write at the predicted time plus the offset."""
+    """Phase-locked to the camera: one output slot per predicted frame, each written on time.
+
+    Slot ``n`` is the predicted time of frame ``n`` plus the adaptive offset. The cycle for a slot waits for
+    frame ``n`` until the slot's cut-off (the slot minus the compute budget), decides on the newest frame it
+    has, and writes at the slot. A frame later than the cut-off (a loaded camera, a reader thread that was not
+    scheduled) does not move the output: the slot goes out on time with the newest unused frame, or with the
+    last decision held if there is none (counted), and the late frame is used at the next slot unless a newer
+    one supersedes it. Output timing thus never depends on another thread being on time; only a decision that
+    overruns its own budget is written late (counted).
+    """
 
     def __init__(self, config: DriveConfig, read: ReadFrame, promise: Callable[[float], None],
                  clock: Callable[[], float], deadman_limit: float, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -166,56 +224,113 @@ class LockedPacer(Pacer):
         self.lock = PhaseLock(self.period)  # the camera runs at the drive rate; the lock finds its true period
         self.delay = AdaptiveDelay(margin=config.output_margin_ms / 1000.0,
                                    maximum=min(config.output_delay_max_ms / 1000.0, 0.8 * self.period))
-        self.late_frames = 0  # frames that came after their predicted time plus half a period
-        self.late_outputs = 0  # decisions ready after their output time (written at once)
+        self.late_frames = 0  # frames that came after their slot's cut-off (used at a later slot, or superseded)
+        self.held_outputs = 0  # slots written with no new frame: the last decision held, the phase kept
+        self.late_outputs = 0  # decisions ready after their slot (written at once)
+        self.skipped_slots = 0  # slots the loop could no longer reach when it got to them
+        self.guard = ArrivalGuard(self.lock.guard())
+        self._handover = 0.0  # the usual delay from a frame's timestamp to the loop having it (filtered)
         self.offset = self.delay.maximum
+        self._served = -1  # the frame number of the last slot written
+        self._slot = 0.0  # this cycle's output time, and when the cycle woke (for late_outputs)
+        self._woke = 0.0
 
     def start(self, first: Frame) -> None:
         self.lock.observe(first.seq, first.timestamp)
 
+    def _observe(self, frame: Frame, in_hand: float | None) -> None:
+        """A frame the loop has in hand: how late it came against the lock's prediction, then into the lock.
+
+        ``in_hand`` is when the loop got the frame, if it came while the loop waited (exact); a frame that was
+        already waiting (a late one) came at an unknown moment since the last look, so its lateness is taken from
+        its timestamp plus the usual hand-over delay (timestamp to in hand) instead: the time the loop spent
+        writing a slot must not count as the camera's lateness."""
+        lock = self.lock
+        if lock.locked:
+            due = lock.predict(frame.seq)
+            if in_hand is not None:
+                self._handover += 0.1 * (in_hand - frame.timestamp - self._handover)
+                self.guard.observe(in_hand - due)
+            else:
+                self.guard.observe(frame.timestamp + self._handover - due)
+        lock.observe(frame.seq, frame.timestamp)
+        if not lock.locked:
+            self.guard.reset()
+
     def computed(self, seconds: float) -> None:
         self.delay.observe(seconds)
+        if self._slot and self._woke + seconds > self._slot:
+            self.late_outputs += 1
+
+    def _next_slot(self, now: float) -> tuple[int, float]:
+        """The first slot after the one last served that can still be written on time: (frame number, due)."""
+        lock = self.lock
+        seq = max(self._served, lock.seq) + 1
+        due = lock.predict(seq)
+        behind = now + 0.0002 - (due + self.offset)
+        if behind > 0:
+            skip = math.floor(behind / lock.period) + 1
+            self.skipped_slots += skip
+            seq, due = seq + skip, due + skip * lock.period
+        return seq, due
 
     def wait(self, last_seq: int, frame_time: float, last_cycle: float) -> Wake:
         lock, clock = self.lock, self.clock
+        self._slot = 0.0
         if not lock.locked:  # acquiring (or re-acquiring after a gap): camera pacing meanwhile
+            self._served = -1
             frame, error = self._wait_camera(last_seq, frame_time, last_cycle)
             if frame is not None and frame.seq > last_seq:
                 lock.observe(frame.seq, frame.timestamp)
                 return Wake(frame, error, frame.timestamp + self.output_delay if self.output_delay else 0.0)
             return Wake(frame, error, 0.0)
         now = clock()
-        _, due = lock.next_frame(max(now, frame_time + self.period / 2))
-        deadline = min(due + self.period / 2, frame_time + self.max_age + 0.001)
-        if deadline <= now:  # the newest frame is already stale: wait as camera pacing does
-            deadline = max(now, last_cycle + self.period)
-        self.promise(deadline + self.deadman_limit)
-        frame, error = self.read(last_seq, deadline - now)
-        woke = clock()
-        if frame is None or frame.seq <= last_seq:
-            if woke < deadline:
-                sleep_coarse(deadline, clock, self.sleep)
+        self.offset = self.delay.current(self.guard.value if self.guard.ready else None)
+        seq, due = self._next_slot(now)
+        slot = due + self.offset
+        cutoff = max(now, slot - self.delay.budget())
+        stale_at = frame_time + self.max_age + 0.001
+        deadline = min(cutoff, stale_at) if stale_at > now else cutoff
+        self.promise(slot + self.deadman_limit)
+        frame, error = self.read(last_seq, 0.0)  # a late frame for an earlier slot, already waiting?
+        waited = frame is None or frame.seq <= last_seq
+        if waited and not error:
+            frame, error = self.read(last_seq, deadline - now)
+        if frame is not None and last_seq < frame.seq < seq:
+            # A late frame for an earlier slot. The lock and the guard observe it (a guard that never saw late
+            # frames would never learn how late they come); this slot still waits for its own frame until the
+            # cut-off, and decides on the late one only if its own does not come.
             self.late_frames += 1
-            return Wake(frame, error, 0.0)
-        if woke < last_cycle + MIN_SPACING * self.period:  # a burst of frames: never two cycles in half a period
-            sleep_coarse(last_cycle + MIN_SPACING * self.period, clock, self.sleep)
-        tick = lock.predict(frame.seq)  # when this frame was due: the smooth line, not its jittery arrival
-        lock.observe(frame.seq, frame.timestamp)
+            self._observe(frame, clock() if waited else None)
+            if not lock.locked:
+                return Wake(frame, error, 0.0)
+            newer, newer_error = self.read(frame.seq, deadline - clock())
+            if newer is not None and newer.seq > frame.seq:
+                frame, error = newer, newer_error
+                self._observe(frame, clock())
+        elif frame is not None and frame.seq > last_seq:
+            self._observe(frame, clock() if waited else None)
+        woke = clock()
+        self._served = seq
+        if frame is None or frame.seq <= last_seq:
+            if woke < deadline:  # the camera gave up early (closed, failing): keep to the slots
+                sleep_coarse(deadline, clock, self.sleep)
+            self.held_outputs += 1
+            return Wake(frame, error, slot)
         if not lock.locked:  # this frame broke the lock (a gap, a jump): no phase to write on
             return Wake(frame, error, 0.0)
-        self.offset = self.delay.current(lock.guard())
-        output_at = tick + self.offset
-        if output_at < woke:
-            self.late_outputs += 1
-        return Wake(frame, error, output_at)
+        self._slot, self._woke = slot, woke
+        return Wake(frame, error, slot)
 
     def status(self) -> dict[str, Any]:
         lock = self.lock.status()
         return {"locked": lock.locked, "camera_period_ms": round(lock.period_s * 1000, 3),
-                "jitter_guard_ms": lock.jitter_ms, "output_offset_ms": round(self.offset * 1000, 3),
+                "camera_jitter_ms": lock.jitter_ms, "jitter_guard_ms": round(self.guard.value * 1000, 3),
+                "output_offset_ms": round(self.offset * 1000, 3),
                 "compute_p99_ms": round(self.delay.compute_p99 * 1000, 3), "frames_dropped_by_camera":
                 lock.dropped_frames, "relocks": lock.relocks, "late_frames": self.late_frames,
-                "late_outputs": self.late_outputs}
+                "held_outputs": self.held_outputs, "late_outputs": self.late_outputs,
+                "skipped_slots": self.skipped_slots}
 
 
 def make_pacer(config: DriveConfig, read: ReadFrame, promise: Callable[[float], None],

@@ -25,7 +25,7 @@ import numpy as np
 class LockStatus:
     locked: bool
     period_s: float  # the estimated camera period
-    jitter_ms: float  # the guard the loop leaves for a frame's arrival: a high percentile of |residual|
+    jitter_ms: float  # the guard the loop leaves for a frame's arrival: a high percentile of its lateness
     dropped_frames: int  # sequence gaps while locked
     outliers: int  # frames far from their predicted time (not used to update the estimate)
     relocks: int  # times the lock was lost (a gap, or a run of outliers) and acquired again
@@ -34,14 +34,14 @@ class LockStatus:
 class PhaseLock:
     """Tracks a camera's frame clock. ``observe`` every frame; ``next_frame`` predicts the next one."""
 
-    def __init__(self, nominal_period: float, *, alpha: float = 0.05, beta: float = 0.0006, lock_frames: int = 8,
-                 window: int = 200, guard_percentile: float = 95.0, outlier_fraction: float = 0.4,
+    def __init__(self, nominal_period: float, *, alpha: float = 0.03, beta: float = 0.00023, lock_frames: int = 8,
+                 window: int = 200, guard_percentile: float = 99.0, outlier_fraction: float = 0.4,
                  max_outliers: int = 3, max_drift: float = 0.05, guard_every: int = 10) -> None:
         self.nominal = nominal_period
         # The filter's gains in steady state: how much of a residual moves the phase, and the period (per frame
         # of distance). Small, so one frame's jitter barely moves the output's phase; while acquiring the gains
         # start at the least-squares ones for the frames seen so far (a PLL's "gear shifting"), so the lock is
-        # quick and then smooth. 0.05 and 0.0006: about critically damped (beta = 2 - alpha - 2 sqrt(1 - alpha)).
+        # quick and then smooth. 0.03 and 0.00023: about critically damped (beta = 2 - alpha - 2 sqrt(1 - alpha)).
         self.alpha = alpha
         self.beta = beta
         self.lock_frames = lock_frames  # frames in a row within tolerance before the lock is trusted
@@ -96,8 +96,9 @@ class PhaseLock:
         self._since_guard += 1
         if len(self._residuals) >= self.lock_frames and self._since_guard >= self.guard_every:
             self._since_guard = 0
-            deviations = np.abs(np.fromiter(self._residuals, dtype=np.float64))
-            self._guard = float(np.percentile(deviations, self.guard_percentile))
+            # Only lateness counts: an early frame waits for its slot, a late one misses it.
+            residuals = np.fromiter(self._residuals, dtype=np.float64)
+            self._guard = max(0.0, float(np.percentile(residuals, self.guard_percentile)))
         n = self._good_in_a_row
         alpha = max(self.alpha, 2 * (2 * n - 1) / (n * (n + 1)))
         beta = max(self.beta, 6 / (n * (n + 1)))
@@ -125,7 +126,7 @@ class PhaseLock:
         return self.seq + steps, self.phase + steps * self.period
 
     def guard(self) -> float:
-        """How long after its predicted time a frame is still on time (s): the jitter's high percentile."""
+        """How long after its predicted time a frame is still on time (s): a high percentile of its lateness."""
         return self._guard
 
     def status(self) -> LockStatus:

@@ -137,8 +137,12 @@ class DriveCollector:
                                 value=status["jitter_guard_ms"])
         yield GaugeMetricFamily("donkey_output_offset_ms", "The output's offset from the predicted frame (ms).",
                                 value=status["output_offset_ms"])
-        yield counter_family("donkey_late_outputs", "Decisions ready after their output time (written at once).",
+        yield counter_family("donkey_late_outputs", "Decisions ready after their slot (written at once).",
                              status["late_outputs"])
+        yield counter_family("donkey_held_outputs", "Slots written with no new frame (the last decision held).",
+                             status["held_outputs"])
+        yield counter_family("donkey_late_frames", "Frames handed to the loop after their slot's cut-off.",
+                             status["late_frames"])
         yield counter_family("donkey_relocks", "Times the phase lock was lost and acquired again.", status["relocks"])
 
 
