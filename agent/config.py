@@ -53,8 +53,8 @@ class DriveConfig(Section):
     # as soon as computed: output timing no longer jitters with inference time (logical execution
     # time). Costs that constant latency; 0 actuates at once. Must be below one period.
     output_delay_ms: Annotated[float, Field(ge=0)] = 10.0
-    # Locked pacing: the output leaves at the predicted frame time plus the camera's jitter guard, the cycle's
-    # p99 compute time and this margin, never more than output_delay_max_ms (nor 80 % of a period).
+    # Locked pacing: the output leaves at the predicted frame time plus the frames' p99 lateness, the cycle's
+    # p99.9 compute time and this margin, never more than output_delay_max_ms (nor 80 % of a period).
     output_margin_ms: Annotated[float, Field(ge=0)] = 0.5
     output_delay_max_ms: Annotated[float, Field(gt=0)] = 20.0
     max_frame_age_ms: Annotated[float, Field(gt=0)] = 150.0
@@ -66,6 +66,9 @@ class DriveConfig(Section):
     # The dead-man monitor writes neutral and latches drive_stall when the drive thread misses its
     # cycles for this many periods past its own deadline.
     deadman_periods: Annotated[float, Field(ge=1, le=100)] = 3.0
+    # The car counts as stopped (a model may be swapped) while a fault holds it in neutral, or once the
+    # throttle written has been neutral for this long.
+    stopped_after_ms: Annotated[float, Field(ge=0, le=60_000)] = 1000.0
     # After an unclean exit while driving (crash, kill, watchdog, power cut): "hold" starts with the
     # unclean_exit fault latched (neutral until a clear_fault); "resume" drives again.
     after_crash: Literal["hold", "resume"] = "hold"

@@ -10,9 +10,10 @@ import pytest
 
 from agent.config import DriveConfig, RealtimeConfig
 from agent.core import drive
-from agent.core.commands import ClearFault, SetMode
+from agent.core.commands import ClearFault, SetMode, SwapPilot
 from agent.core.drive import DriveCore, DriveParts
 from agent.core.metrics import INDEX
+from agent.core.shadow import ShadowTap
 from agent.pilot import Autopilot
 from tests.fakes.parts import TwinRig, wait_for
 
@@ -285,3 +286,44 @@ def test_memory_does_not_grow_with_gc_frozen() -> None:
     assert ran > 300
     assert grown_rss < 4.0, f"RSS grew {grown_rss:.1f} MB over {ran} cycles"
     assert grown_objects < 3 * ran / 10, f"{grown_objects} more GC-tracked objects after {ran} cycles"
+
+
+def test_a_model_swap_is_refused_while_driving_and_applied_between_cycles_once_stopped(rig: TwinRig) -> None:
+    """The new interpreter is loaded and warmed here (off the drive thread) and handed over by reference; the
+    core refuses it while the car moves, applies it once stopped, and its loop misses no deadline either way."""
+    core = make_core(rig, max_throttle=0.5, stopped_after_ms=300)
+    tap = ShadowTap()
+    try:
+        time.sleep(1.0)
+        assert moving(rig, time.monotonic() - 0.5)
+        candidate = Autopilot(MODELS / "linear.tflite")
+        candidate.run(rig.car.render())  # warmed off the drive thread
+        refused = SwapPilot(pilot=candidate, label={"name": "linear", "version": "2"})
+        assert core.submit(refused) == ""
+        assert wait_for(lambda: refused.outcome is not None, 2)
+        assert refused.outcome is not None and not refused.outcome.ok and "moving" in refused.outcome.reason
+        assert core.status()["model"] == {"path": str(SHIPPED), "kind": "linear"}
+
+        core.shadow = tap  # meanwhile, a shadow trial would see every decided frame
+        offered = tap.offered
+        time.sleep(0.3)
+        assert tap.offered - offered >= 4 and tap.latest is not None
+        core.shadow = None
+
+        assert core.submit(SetMode(mode="user")) == ""  # the operator stops the car (no manual input: neutral)
+        time.sleep(0.5)
+        accepted = SwapPilot(pilot=candidate, label={"name": "linear", "version": "2"})
+        assert core.submit(accepted) == ""
+        assert wait_for(lambda: accepted.outcome is not None, 2)
+        assert accepted.outcome is not None and accepted.outcome.ok, accepted.outcome
+        assert isinstance(accepted.replaced, Autopilot) and accepted.replaced.path == SHIPPED
+        assert core.pilot is candidate and core.status()["model"] == {"name": "linear", "version": "2"}
+        assert core.submit(SetMode(mode="local")) == ""
+        time.sleep(0.5)
+    finally:
+        core.stop()
+        tap.close()
+    assert core.metrics.deadline_misses == 0
+    swapped = [d for k, d in event_kinds(core) if k == "model_swapped"]
+    assert swapped == [{"from": {"path": str(SHIPPED), "kind": "linear"}, "to": {"name": "linear", "version": "2"},
+                        "source": "local"}]

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.config import DriveConfig
-from agent.core.commands import ClearFault, Record, SetBehavior, SetMaxThrottle, SetMode
+from agent.core.commands import ClearFault, CommandError, Record, SetBehavior, SetMaxThrottle, SetMode, SwapPilot
 from agent.core.control import ThrottleRamp
 from agent.core.decide import CycleInputs, Decider, Inference
 from agent.core.faults import LATCHED, Fault
@@ -263,3 +263,55 @@ def test_rate_keeper_keeps_absolute_deadlines_and_skips_missed_periods() -> None
     now[0] += 0.35  # a long stall past the 0.3 and 0.4 ticks: those are skipped, not caught up
     assert keeper.wait() == pytest.approx(0.05)
     assert keeper.missed_periods == 2 and keeper.next_deadline == pytest.approx(0.6)
+
+
+# -- swapping the model: only while the car is stopped ----------------------------------------------------------
+class SwappablePilot(FakePilot):
+    def prepare(self, image: object, imu: object = None) -> None: ...
+
+    def invoke(self) -> None: ...
+
+    def result(self) -> object: ...
+
+
+def swap(decide: Decider, now: float, label: str) -> SwapPilot:
+    command = SwapPilot(pilot=SwappablePilot(), label={"name": label})
+    decide.apply(command, now)
+    return command
+
+
+def test_a_model_swap_waits_for_the_car_to_stop() -> None:
+    decide, events = decider(mode="local", stopped_after_ms=1000, throttle_ramp_per_s=100.0)
+    first = decide.pilot = SwappablePilot()
+    decide.decide(fresh(0.0, Inference(0.0, 0.3)))  # the ramp starts from rest...
+    assert decide.decide(fresh(0.04, Inference(0.0, 0.3))).throttle > 0  # ...and the car moves
+    moving = swap(decide, 0.05, "v2")
+    assert moving.outcome is not None and not moving.outcome.ok and "moving" in moving.outcome.reason
+    assert decide.pilot is first and moving.replaced is None  # nothing changed
+    decide.apply(SetMode(mode="user"), 0.1)  # the operator takes over and lets go: neutral throttle
+    decide.decide(CycleInputs(0.1, 0.01, manual=(0.0, 0.0, 0.1)))
+    coasting = swap(decide, 0.6, "v2")
+    assert coasting.outcome is not None and not coasting.outcome.ok and "0.5 s of 1 s" in coasting.outcome.reason
+    decide.decide(CycleInputs(1.1, 0.01, manual=(0.0, 0.0, 1.1)))
+    stopped = swap(decide, 1.15, "v2")
+    assert stopped.outcome is not None and stopped.outcome.ok
+    assert stopped.replaced is first and decide.pilot is stopped.pilot and decide.pilot.resets == 1
+    assert decide.model_label == {"name": "v2"}
+    swapped = [detail for kind, detail in kinds(events) if kind == "model_swapped"]
+    assert swapped == [{"from": {}, "to": {"name": "v2"}, "source": "local"}]
+
+
+def test_a_fault_holding_the_car_in_neutral_counts_as_stopped() -> None:
+    decide, _ = decider(mode="local", throttle_ramp_per_s=100.0)
+    decide.pilot = SwappablePilot()
+    decide.decide(fresh(0.0, Inference(0.0, 0.3)))
+    assert decide.decide(fresh(0.005, Inference(0.0, 0.3))).throttle > 0
+    decide.accept_stops([request(0.01)], 0.01)  # an e-stop: neutral, latched
+    assert not decide.decide(fresh(0.02)).ok
+    command = swap(decide, 0.03, "v3")
+    assert command.outcome is not None and command.outcome.ok
+
+
+def test_swap_pilot_refuses_something_that_is_not_an_autopilot() -> None:
+    with pytest.raises(CommandError, match="lacks prepare, invoke, result"):
+        SwapPilot(pilot=FakePilot())

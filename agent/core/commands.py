@@ -21,9 +21,9 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from agent.core.control import MODES
 from agent.core.faults import Fault
@@ -110,6 +110,26 @@ class SetBehavior(Command):
     def __post_init__(self) -> None:
         if isinstance(self.index, bool) or not isinstance(self.index, int) or self.index < 0:
             raise CommandError(f"behavior must be a non-negative integer, not {self.index!r:.40}")
+
+
+@dataclass(slots=True, kw_only=True)
+class SwapPilot(Command):
+    """A new autopilot for the core, loaded and warmed off the drive thread and handed over by reference.
+
+    The core applies it only while the car is stopped (``Decider.stopped``), between two cycles; it then puts
+    the pilot it replaced in ``replaced``, so that the sender releases it off the drive thread (an interpreter's
+    teardown takes milliseconds the loop does not have).
+    """
+
+    pilot: Any  # an Autopilot: prepare / invoke / result / reset / set_behavior
+    label: Mapping[str, Any] = field(default_factory=dict)  # name, version, sha256: events and status
+    replaced: Any = None
+    name: ClassVar[str] = "swap_pilot"
+
+    def __post_init__(self) -> None:
+        missing = [m for m in ("prepare", "invoke", "result", "reset") if not callable(getattr(self.pilot, m, None))]
+        if missing:
+            raise CommandError(f"swap_pilot needs an autopilot; {type(self.pilot).__name__} lacks {', '.join(missing)}")
 
 
 class CommandLane:

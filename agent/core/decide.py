@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from agent.config import DriveConfig
-from agent.core.commands import ClearFault, Command, Outcome, Record, SetBehavior, SetMaxThrottle, SetMode
+from agent.core.commands import (
+    ClearFault,
+    Command,
+    Outcome,
+    Record,
+    SetBehavior,
+    SetMaxThrottle,
+    SetMode,
+    SwapPilot,
+)
 from agent.core.control import NEEDS_OPERATOR, NEEDS_PILOT, ThrottleRamp, select
 from agent.core.faults import Fault
 from agent.core.handoff import Event
@@ -28,6 +37,12 @@ class Pilot(Protocol):
     def reset(self) -> None: ...
 
     def set_behavior(self, index: int) -> None: ...
+
+
+def describe_pilot(pilot: object) -> dict[str, Any]:
+    """The label of a pilot loaded from a file (development, or the configured model): its path and kind."""
+    path = getattr(pilot, "path", None)
+    return {"path": str(path), "kind": getattr(pilot, "kind", None)} if path is not None else {}
 
 
 @dataclass(slots=True)
@@ -66,13 +81,15 @@ class Decider:
         self.faults = faults
         self.events = events
         self.can_record = can_record
-        self.pilot: Pilot | None = None  # set by the drive thread once the model has loaded
+        self.pilot: Any = None  # an Autopilot: set by the drive thread once the model has loaded, or by SwapPilot
+        self.model_label: dict[str, Any] = {}  # what the pilot is: name, version, sha256 (status, events)
         self.mode: str = config.mode
         self.max_throttle = config.max_throttle
         self.recording = can_record  # a `record` command turns it off and on
         self.pilot_output = (0.0, 0.0)
         self._ramp = ThrottleRamp(config.throttle_ramp_per_s)
         self._overruns = 0
+        self._neutral_since: float | None = None  # when the throttle decided last became neutral
 
     # -- phase 1: stops and commands, before the model runs (a mode change decides whether it does) --
     def accept_stops(self, requests: list[StopRequest], now: float, *, stall: str = "") -> None:
@@ -109,6 +126,8 @@ class Decider:
                 return Outcome(False, "no recording configured (recording.path or --record)")
             self.recording = command.on
             return Outcome(True)
+        if isinstance(command, SwapPilot):
+            return self._swap_pilot(command, now)
         if isinstance(command, SetBehavior):
             if self.pilot is None:
                 return Outcome(False, "no autopilot")
@@ -118,6 +137,29 @@ class Decider:
                 return Outcome(False, str(exc))
             return Outcome(True)
         return Outcome(False, f"unknown command {command.name!r}")
+
+    def stopped(self, now: float) -> str:
+        """"" while the car counts as stopped, else why not. Stopped: a fault holds it in neutral, or the
+        throttle decided has been neutral for ``stopped_after_ms`` (the car has had time to coast to a halt)."""
+        if not self.faults.ok:
+            return ""
+        if self._neutral_since is None:
+            return "the car is moving (throttle is not neutral)"
+        hold = self.config.stopped_after_ms / 1000.0
+        if now - self._neutral_since < hold:
+            return f"the throttle has been neutral for {now - self._neutral_since:.1f} s of {hold:g} s"
+        return ""
+
+    def _swap_pilot(self, command: SwapPilot, now: float) -> Outcome:
+        moving = self.stopped(now)
+        if moving:
+            return Outcome(False, f"refused: {moving}; a model is changed only while the car is stopped")
+        command.replaced, self.pilot = self.pilot, command.pilot
+        previous, self.model_label = self.model_label, dict(command.label)
+        self.pilot.reset()
+        self.events.push(Event("model_swapped", {"from": previous, "to": self.model_label, "source": command.source},
+                               now))
+        return Outcome(True)
 
     def _would_move(self, command: Command) -> bool:
         """The latched-fault gate: what could make the car move once the fault is cleared."""
@@ -156,10 +198,16 @@ class Decider:
                        "no manual control received")
         if not faults.ok:
             self._ramp.reset(now)
+            self._neutral_since = now if self._neutral_since is None else self._neutral_since
             return Decision(0.0, 0.0, False)
         steering, target = select(self.mode, *self.pilot_output, manual_angle, manual_throttle,
                                   max_throttle=self.max_throttle, throttle_multiplier=config.throttle_multiplier)
-        return Decision(steering, self._ramp.apply(target, now), True)
+        throttle = self._ramp.apply(target, now)
+        if throttle != 0.0:
+            self._neutral_since = None
+        elif self._neutral_since is None:
+            self._neutral_since = now
+        return Decision(steering, throttle, True)
 
     def _observe_inference(self, inference: Inference | None, now: float) -> None:
         faults, config = self.faults, self.config

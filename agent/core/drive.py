@@ -32,7 +32,7 @@ from agent.config import DriveConfig
 from agent.core.commands import Command, CommandLane, CommandLanes
 from agent.core.control import NEEDS_PILOT
 from agent.core.deadman import Deadman
-from agent.core.decide import CycleInputs, Decider, Inference
+from agent.core.decide import CycleInputs, Decider, Inference, describe_pilot
 from agent.core.faults import Fault
 from agent.core.handoff import Event, EventQueue, ManualControl
 from agent.core.metrics import INDEX, LoopMetrics
@@ -40,6 +40,7 @@ from agent.core.pacing import make_pacer, sleep_coarse
 from agent.core.ratekeeper import RateKeeper
 from agent.core.realtime import GcControl, RealtimeReport, configure_realtime
 from agent.core.safety import FaultMonitor
+from agent.core.shadow import ShadowTap
 from agent.core.stops import StopBoard
 from agent.errors import AgentError
 from agent.hw.interfaces import Actuators, Camera, Frame
@@ -72,6 +73,7 @@ class DriveParts:
     actuators: Actuators
     make_pilot: Callable[[], Autopilot] | None = None  # called inside the drive thread
     recorder: TubRecorder | None = None
+    model_label: Mapping[str, Any] | None = None  # what make_pilot loads (a bundle's name, version, sha256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +122,7 @@ class DriveCore:
         self.deadman = Deadman(self, parts.actuators, period=self.period, priority=config.realtime.priority,
                                clock=clock)
         self.pacer = make_pacer(config, self._read, self._promise, clock, self.deadman_limit)
-        self.pilot: Autopilot | None = None
+        self.shadow: ShadowTap | None = None  # set by the agent while a candidate model runs in shadow
         self.keeper: RateKeeper | None = None  # timer pacing: its lag and skipped periods go into status()
         self.realtime: RealtimeReport | None = None
         self.heartbeat = 0.0  # clock() at the end of the last cycle: the watchdog's view of liveness
@@ -134,6 +136,11 @@ class DriveCore:
         self.snapshot = self._make_snapshot(0.0, 0.0, 0.0)
         self._gc = GcControl(config.realtime.freeze_gc)
         self._thread = threading.Thread(target=self._run, name="drive-core", daemon=True)
+
+    @property
+    def pilot(self) -> Autopilot | None:
+        """The active autopilot: the decider holds it, so a SwapPilot between cycles changes it in one place."""
+        return self.decider.pilot
 
     # -- lifecycle (called from other threads) -----------------------------------------------
     def start(self) -> None:
@@ -212,6 +219,7 @@ class DriveCore:
             "lagging": bool(keeper and self.config.pacing == "timer" and keeper.lagging),
             "missed_periods": keeper.missed_periods if keeper else 0,
             "pacing": {"mode": self.config.pacing, **self.pacer.status()},
+            "model": dict(self.decider.model_label),
             "steering": snapshot.steering,
             "throttle": snapshot.throttle,
             "events_dropped": self.events.dropped,
@@ -228,7 +236,8 @@ class DriveCore:
             self.realtime = configure_realtime(self.config.realtime)
             self.events.push(Event("realtime", self.realtime.as_dict()))
             if self.parts.make_pilot is not None:
-                self.pilot = self.decider.pilot = self.parts.make_pilot()
+                self.decider.pilot = self.parts.make_pilot()
+                self.decider.model_label = dict(self.parts.model_label or describe_pilot(self.decider.pilot))
             if self.decider.mode in NEEDS_PILOT and self.pilot is None:
                 raise DriveStartError(f"mode {self.decider.mode!r} needs an autopilot model (autopilot.model)")
             now = self.clock()
@@ -249,6 +258,7 @@ class DriveCore:
                                                "rate_hz": self.config.rate_hz,
                                                "model": str(self.pilot.path) if self.pilot else None,
                                                "kind": self.pilot.kind if self.pilot else None,
+                                               "model_label": self.decider.model_label,
                                                "faults": sorted(self.snapshot.faults)}))
             self.alive_until = self.heartbeat + self.deadman_limit
             self.ready.set()
@@ -324,6 +334,9 @@ class DriveCore:
             else:
                 metrics.frames_missed += 1
             inference = self._infer(frame) if frame is not None and new_frame and decider.wants_pilot else None
+            shadow = self.shadow
+            if shadow is not None and inference is not None and frame is not None and not inference.failure:
+                shadow.offer(frame, inference)  # one reference and a counter write: never waits
 
             # 2. decide
             decision = decider.decide(CycleInputs(now, now - frame_time, camera_error, inference,
