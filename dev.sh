@@ -11,8 +11,10 @@ cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # Debian packages the tests use: systemd (systemd-analyze), util-linux (setpriv, prlimit, nsenter),
-# debootstrap and systemd-container (a real systemd for the unit, in systemd-nspawn), mosquitto (a real broker).
-TEST_DEBS=(python3-venv python3-dev systemd util-linux debootstrap systemd-container mosquitto mosquitto-clients)
+# debootstrap and systemd-container (a real systemd for the unit, in systemd-nspawn), mosquitto (a real broker),
+# python3-gpg (keylime/signing.py imports gpg and no wheel of it exists; the attestation tests use Keylime's code).
+TEST_DEBS=(python3-venv python3-dev systemd util-linux debootstrap systemd-container mosquitto mosquitto-clients
+           python3-gpg)
 DEMO_DEBS=(python3-venv)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }

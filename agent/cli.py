@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     tub_commands = tub.add_subparsers(dest="tub_command", required=True)
     info = tub_commands.add_parser("info", help="records, sessions and inputs of a tub")
     info.add_argument("path", type=Path)
+    from agent.attest.commands import add_parser as add_attest_parser
+
+    add_attest_parser(commands)
     return parser
 
 
@@ -110,6 +113,9 @@ def _run(args: argparse.Namespace) -> int:
                 Topics(config.telemetry.fleet, config.telemetry.car_id)
             except TopicError as exc:
                 raise ConfigError(f"{config.source}: {exc}") from None
+        if config.attestation.require and config.telemetry.url is None:
+            raise ConfigError(f"{config.source}: attestation.require: the fleet's tokens arrive over MQTT; set "
+                              "telemetry.url (or --mqtt)")
         if config.drive.mode in ("local", "local_angle") and config.autopilot.model is None:
             raise ConfigError(f"{config.source}: autopilot.model: mode {config.drive.mode!r} needs a model "
                               "(--model PATH, or --mode user)")
@@ -175,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         code, text = main_check(args.model, args.images, args.json, args.kind)
         print(text, file=sys.stderr if code else sys.stdout)
         return code
+    if args.command == "attest":
+        from agent.attest.commands import main as attest_main
+
+        return attest_main(args)
     if args.command == "tub":
         if args.path.is_dir() and not (args.path / "manifest.json").exists():
             print(f"donkey-agent tub info: {args.path}: no records here (no manifest.json): nothing was recorded, "

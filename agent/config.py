@@ -193,6 +193,32 @@ class LoggingConfig(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"  # SIGHUP applies a change at once
 
 
+class AttestationConfig(Section):
+    """Keylime/IMA attestation (docs/attestation.md): the car drives autonomously only with a valid fleet token."""
+
+    require: bool = False  # true: local/local_angle only with a valid, unexpired "pass" token for this car
+    trusted_keys: list[Path] = []  # the fleet's token-signing public keys (PEM, ECDSA P-256 or Ed25519)
+    # This car's Keylime agent UUID; None: read it from the Keylime agent's own settings (agent.conf, conf.d, env).
+    agent_uuid: str | None = None
+    max_clock_skew_s: Annotated[float, Field(ge=0, le=600)] = 30.0  # a token issued this far ahead is still valid
+    manual_without_token: bool = True  # manual driving (user mode) stays possible without a token
+    model_dirs: list[Path] = []  # measured model directories (active and staged): in `attest policy` and doctor
+    keylime_unit: str = "keylime_agent"  # the Keylime agent's systemd unit, checked by doctor
+
+    @model_validator(mode="after")
+    def _required_needs_keys(self) -> AttestationConfig:
+        if self.require and not self.trusted_keys:
+            raise ValueError("require = true needs trusted_keys: the fleet's public key files (PEM)")
+        if self.agent_uuid is not None:
+            import uuid
+
+            try:
+                uuid.UUID(self.agent_uuid)
+            except ValueError:
+                raise ValueError(f"agent_uuid {self.agent_uuid!r} is not a UUID") from None
+        return self
+
+
 class AgentConfig(Section):
     drive: DriveConfig = DriveConfig()
     camera: CameraConfig = CameraConfig()
@@ -204,6 +230,7 @@ class AgentConfig(Section):
     telemetry: TelemetryConfig = TelemetryConfig()
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
+    attestation: AttestationConfig = AttestationConfig()
     source: str = Field(default="<defaults>", exclude=True)
 
     def with_overrides(self, overrides: dict[str, Any]) -> AgentConfig:

@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack, closing
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+from agent.attest.errors import AttestationSetupError
 from agent.config import AgentConfig, ConfigError, load
 from agent.core.commands import CommandLane, SetMaxThrottle
+from agent.core.control import MODES, NEEDS_PILOT
 from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
+from agent.core.handoff import Clearance
 from agent.hw.errors import HardwareUnavailableError
 from agent.hw.factory import build_hardware
 from agent.hw.gpio import EStopButton, StatusLed
@@ -39,6 +42,9 @@ from agent.service.state import SafetyState, StateKeeper, restored_faults, state
 from agent.telemetry.link import FleetLink
 from agent.telemetry.prometheus import MetricsExporter, serve
 from agent.tub import TubRecorder, TubWriter
+
+if TYPE_CHECKING:
+    from agent.attest.client import AttestationClient
 
 log = logging.getLogger("donkey-agent")
 
@@ -101,6 +107,7 @@ class Daemon:
         self.keeper: StateKeeper | None = None
         self.reload_lane = CommandLane("reload", capacity=4)
         self.link: Any = None  # the simulator link (TwinLink) when driving a simulator: its counters are reported
+        self.attestation: AttestationClient | None = None
         self.watchdog_withheld = ""
 
     def request_stop(self, reason: str) -> None:
@@ -161,6 +168,11 @@ class Daemon:
         saved = state.load()
         restored = restored_faults(saved, after_crash=config.drive.after_crash)
         keeper = self.keeper = StateKeeper(state)
+        try:
+            clearance = self._attestation()
+        except AttestationSetupError as exc:
+            log.error("invalid config: %s", exc)
+            return EXIT_CONFIG
         with ExitStack() as stack:
             notifier.status("starting: opening the camera and actuators")
             notifier.extend_timeout(30)
@@ -178,8 +190,9 @@ class Daemon:
                 def make_pilot() -> Autopilot:
                     return Autopilot(model_path, kind=autopilot.kind, num_threads=autopilot.num_threads)
 
+            gated = NEEDS_PILOT if config.attestation.manual_without_token else frozenset(MODES)
             core = self.core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder),
-                                         restored=restored)
+                                         restored=restored, clearance=clearance, gated_modes=gated)
             core.lanes.add(self.reload_lane)
             if config.telemetry.url is not None:
                 self.fleet = FleetLink(config.telemetry, identity(config),
@@ -187,7 +200,8 @@ class Daemon:
                                        lane=core.lanes.add(CommandLane("mqtt", capacity=32,
                                                                        rate_per_s=config.telemetry.command_rate_per_s,
                                                                        burst=20)),
-                                       estop=core.stops.source("mqtt"))
+                                       estop=core.stops.source("mqtt"),
+                                       on_attestation=self.attestation.on_token if self.attestation else None)
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(config, core, stack)
             notifier.status("starting: loading the model and warming up")
@@ -206,6 +220,26 @@ class Daemon:
             keeper.running = False
             self._persist()
             return EXIT_OK
+
+    def _attestation(self) -> Clearance | None:
+        """With ``attestation.require``: the gate fed by the fleet's tokens, and the clearance the core obeys."""
+        config = self.config
+        if not config.attestation.require:
+            return None
+        from agent.attest.client import AttestationClient  # cryptography: imported only when attestation is on
+
+        clearance = Clearance()
+        self.attestation = AttestationClient(config.attestation, fleet=config.telemetry.fleet,
+                                             car=config.telemetry.car_id, clearance=clearance)
+        log.info("attestation required: autonomous driving only with a valid token for Keylime agent %s",
+                 self.attestation.uuid)
+        return clearance
+
+    async def _attestation_ticks(self, client: AttestationClient) -> None:
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.5)
+            client.tick()
 
     def _open_recorder(self, stack: ExitStack) -> TubRecorder | None:
         if self.record is None:
@@ -244,6 +278,8 @@ class Daemon:
                 tasks.create_task(self._watchdog(core, interval), name="watchdog")
             if self.duration is not None:
                 tasks.create_task(self._stop_after(self.duration), name="duration")
+            if self.attestation is not None:
+                tasks.create_task(self._attestation_ticks(self.attestation), name="attestation")
             if self.fleet is not None:
                 tasks.create_task(contained(self.fleet.run(fleet_stop, self._telemetry_status), "the fleet link"),
                                   name="fleet-link")
@@ -292,6 +328,8 @@ class Daemon:
         status = self.core.status()
         if self.recorder is not None:
             status["recording_stats"] = self.recorder.stats()
+        if self.attestation is not None:
+            status["attestation"] = self.attestation.status()
         return status
 
     def _fleet_metrics(self) -> dict[str, float]:
@@ -314,7 +352,10 @@ class Daemon:
         core = self.core
         if core is None:
             return
-        for queue in (core.events, core.deadman.events):
+        queues = [core.events, core.deadman.events]
+        if self.attestation is not None:
+            queues.append(self.attestation.events)
+        for queue in queues:
             for event in queue.drain():
                 log_event(event)
                 if self.fleet is not None:

@@ -12,6 +12,7 @@ from agent.config import DriveConfig, RealtimeConfig
 from agent.core import drive
 from agent.core.commands import ClearFault, SetMode, SwapPilot
 from agent.core.drive import DriveCore, DriveParts
+from agent.core.handoff import Clearance
 from agent.core.metrics import INDEX
 from agent.core.shadow import ShadowTap
 from agent.pilot import Autopilot
@@ -327,3 +328,26 @@ def test_a_model_swap_is_refused_while_driving_and_applied_between_cycles_once_s
     swapped = [d for k, d in event_kinds(core) if k == "model_swapped"]
     assert swapped == [{"from": {"path": str(SHIPPED), "kind": "linear"}, "to": {"name": "linear", "version": "2"},
                         "source": "local"}]
+
+
+def test_a_revoked_attestation_stops_the_car_within_a_period_and_latches(rig: TwinRig) -> None:
+    clearance = Clearance()
+    config = DriveConfig(realtime=NO_RT, max_throttle=0.5)
+    core = DriveCore(config, DriveParts(rig, rig, lambda: Autopilot(SHIPPED)), clearance=clearance)
+    core.start()
+    try:
+        assert core.wait_ready(20), core.error
+        time.sleep(0.5)
+        assert not moving(rig, time.monotonic() - 0.4)  # no token yet: it waits in neutral
+        assert "awaiting_attestation" in core.status()["faults"]
+        clearance.set(True, "pass", time.monotonic() + 60)
+        assert wait_for(lambda: moving(rig, time.monotonic() - 0.1), 3)
+        revoked = time.monotonic()
+        clearance.set(False, "attestation revoked by the verifier", 0.0)
+        assert wait_for(lambda: core.snapshot.latched == ("attestation",), 1)
+        time.sleep(0.2)
+        late = [w for w in rig.writes_after(revoked + PERIOD + 0.01) if w[2] != 0.0]
+        assert late == []  # neutral on the wire from the next cycle on
+        assert core.snapshot.faults["attestation"] == "attestation revoked by the verifier"
+    finally:
+        core.stop()

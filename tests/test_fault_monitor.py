@@ -315,3 +315,60 @@ def test_a_fault_holding_the_car_in_neutral_counts_as_stopped() -> None:
 def test_swap_pilot_refuses_something_that_is_not_an_autopilot() -> None:
     with pytest.raises(CommandError, match="lacks prepare, invoke, result"):
         SwapPilot(pilot=FakePilot())
+
+
+# -- the attestation gate (agent/attest decides; the core holds the car to it) ----------------------------------
+def gated(**drive: object) -> Decider:
+    events = EventQueue()
+    config = DriveConfig(mode="local", throttle_ramp_per_s=100.0, fault_clear_hold_ms=0, **drive)  # type: ignore[arg-type]
+    faults = FaultMonitor(events, clear_hold=0.0, estop_hold=1.0)
+    decide = Decider(config, faults, events, gated_modes=frozenset({"local", "local_angle"}))
+    decide.pilot = FakePilot()
+    return decide
+
+
+def test_a_car_waits_in_neutral_for_its_first_token_without_latching() -> None:
+    decide = gated()
+    decision = decide.decide(fresh(0.0, Inference(0.1, 0.5)))
+    assert not decision.ok and decide.faults.is_active(Fault.AWAITING_ATTESTATION)
+    assert not decide.faults.latched  # booting is not a fault to clear by hand
+    decide.clearance = (True, "pass", 100.0)
+    decide.decide(fresh(0.1, Inference(0.1, 0.5)))  # the transient fault clears (hold 0 here)...
+    assert decide.decide(fresh(0.2, Inference(0.1, 0.5))).ok  # ...and the car drives
+
+
+@pytest.mark.parametrize("loss", [(False, "attestation revoked by the verifier", 100.0), (True, "pass", 5.0)])
+def test_losing_attestation_while_driving_latches_neutral_and_only_user_mode_recovers(
+        loss: tuple[bool, str, float]) -> None:
+    decide = gated()
+    decide.clearance = (True, "pass", 100.0)
+    decide.decide(fresh(0.0, Inference(0.1, 0.5)))
+    assert decide.decide(fresh(1.0, Inference(0.1, 0.5))).ok
+    decide.clearance = loss  # revoked, or a pass token whose expiry (5.0 on the core's clock) passes
+    decision = decide.decide(fresh(6.0, Inference(0.1, 0.5)))
+    assert not decision.ok and decide.faults.is_active(Fault.ATTESTATION) and decide.faults.latched
+    clear = ClearFault(fault="attestation")
+    decide.apply(clear, 6.1)
+    assert clear.outcome is not None and not clear.outcome.ok and "still not attested" in clear.outcome.reason
+    local = SetMode(mode="local_angle")
+    decide.apply(local, 6.1)
+    assert local.outcome is not None and not local.outcome.ok and "latched" in local.outcome.reason
+    user = SetMode(mode="user")  # manual driving stays possible...
+    decide.apply(user, 6.2)
+    assert user.outcome is not None and user.outcome.ok
+    clear = ClearFault(fault="attestation")
+    decide.apply(clear, 6.3)  # ...once the operator clears the latch in user mode
+    assert clear.outcome is not None and clear.outcome.ok
+    manual = decide.decide(CycleInputs(6.4, 0.01, manual=(0.2, 0.3, 6.4)))
+    assert manual.ok and manual.throttle > 0
+    back = SetMode(mode="local")
+    decide.apply(back, 6.5)  # still no token: autonomy refused
+    assert back.outcome is not None and not back.outcome.ok and "needs a valid attestation" in back.outcome.reason
+
+
+def test_without_a_gate_nothing_changes() -> None:
+    decide, _ = decider(mode="local", throttle_ramp_per_s=100.0)
+    decide.pilot = FakePilot()
+    decide.clearance = (False, "ignored", 0.0)  # no gated modes: the verdict is never consulted
+    decide.decide(fresh(0.0, Inference(0.1, 0.5)))
+    assert decide.decide(fresh(0.1, Inference(0.1, 0.5))).ok

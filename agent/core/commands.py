@@ -53,6 +53,7 @@ class Command:
 
     name: ClassVar[str] = "command"
     moves_the_car: ClassVar[bool] = False  # refused while a fault is latched (see ``Decider``)
+    answer_within_s: ClassVar[float | None] = None  # a long job's time to an outcome (None: its expiry)
 
 
 @dataclass(slots=True, kw_only=True)

@@ -65,6 +65,9 @@ class CycleInputs:
     manual: tuple[float, float, float] = (0.0, 0.0, -math.inf)  # angle, throttle, arrival
 
 
+UNGATED = (True, "", math.inf)  # no attestation required: always clear
+
+
 @dataclass(slots=True)
 class Decision:
     steering: float
@@ -76,8 +79,14 @@ class Decider:
     """The core's rules, stepped by the drive thread once per cycle (phase 1 then phase 2)."""
 
     def __init__(self, config: DriveConfig, faults: FaultMonitor, events: EventSink, *,
-                 can_record: bool = False) -> None:
+                 can_record: bool = False, gated_modes: frozenset[str] = frozenset()) -> None:
         self.config = config
+        # Modes that need a valid attestation (agent/attest): the autonomous ones, or every mode; none: no gate.
+        self.gated_modes = gated_modes
+        # The gate's verdict, set by the drive thread each cycle; with a gate, none until the first token.
+        self.clearance: tuple[bool, str, float] = (
+            (False, "no attestation token received yet", -math.inf) if gated_modes else UNGATED)
+        self._was_attested = False  # a valid token was seen this run while in a gated mode
         self.faults = faults
         self.events = events
         self.can_record = can_record
@@ -113,6 +122,10 @@ class Decider:
             return Outcome(False, "refused: a fault is latched (clear it first)")
         if isinstance(command, ClearFault):
             fault = Fault(command.fault) if command.fault is not None else None  # checked at construction
+            unattested = self.attested(now) if self.mode in self.gated_modes else ""
+            if unattested and fault in (None, Fault.ATTESTATION) and self.faults.is_active(Fault.ATTESTATION):
+                return Outcome(False, f"refused: still not attested ({unattested}); switch to user mode, or wait "
+                                      "for a valid attestation token")
             refused = self.faults.clear(fault, received=command.received, now=now, source=command.source,
                                         held_by=held_by)
             return Outcome(not refused, "; ".join(refused))
@@ -169,9 +182,21 @@ class Decider:
             return command.value > self.max_throttle
         return False
 
+    def attested(self, now: float) -> str:
+        """"" while the attestation gate allows driving (a valid token, not expired on the core's clock), else why."""
+        may_drive, reason, until = self.clearance
+        if not may_drive:
+            return reason or "not attested"
+        if now >= until:
+            return "the attestation token has expired"
+        return ""
+
     def _set_mode(self, command: SetMode, now: float) -> Outcome:
         if command.mode in NEEDS_PILOT and self.pilot is None:
             return Outcome(False, f"mode {command.mode!r} needs an autopilot model")
+        unattested = self.attested(now) if command.mode in self.gated_modes else ""
+        if unattested:
+            return Outcome(False, f"refused: mode {command.mode!r} needs a valid attestation: {unattested}")
         if command.mode != self.mode:
             self.events.push(Event("mode", {"from": self.mode, "to": command.mode, "source": command.source}, now))
             self.mode = command.mode
@@ -192,6 +217,14 @@ class Decider:
                        "newest camera frame too old")
         faults.observe(Fault.CAMERA_ERROR, bool(inputs.camera_error), now, inputs.camera_error)
         self._observe_inference(inputs.inference, now)
+        # The attestation gate: before the first valid token of this run the car waits in neutral (a transient
+        # fault: a car that boots is not yet attested); losing it afterwards latches (it was driving).
+        unattested = self.attested(now) if self.mode in self.gated_modes else ""
+        if unattested and self._was_attested:
+            faults.latch(Fault.ATTESTATION, now, unattested)
+        faults.observe(Fault.AWAITING_ATTESTATION, bool(unattested) and not self._was_attested, now, unattested)
+        if self.mode in self.gated_modes and not unattested:
+            self._was_attested = True
         manual_angle, manual_throttle, manual_at = inputs.manual
         faults.observe(Fault.HEARTBEAT_LOST,
                        self.mode in NEEDS_OPERATOR and now - manual_at > config.heartbeat_timeout_ms / 1000.0, now,

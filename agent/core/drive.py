@@ -34,7 +34,7 @@ from agent.core.control import NEEDS_PILOT
 from agent.core.deadman import Deadman
 from agent.core.decide import CycleInputs, Decider, Inference, describe_pilot
 from agent.core.faults import Fault
-from agent.core.handoff import Event, EventQueue, ManualControl
+from agent.core.handoff import Clearance, Event, EventQueue, ManualControl
 from agent.core.metrics import INDEX, LoopMetrics
 from agent.core.pacing import make_pacer, sleep_coarse
 from agent.core.ratekeeper import RateKeeper
@@ -102,6 +102,8 @@ class DriveCore:
         events: EventQueue | None = None,
         stops: StopBoard | None = None,
         restored: Mapping[Fault, str] | None = None,
+        clearance: Clearance | None = None,
+        gated_modes: frozenset[str] = NEEDS_PILOT,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -115,7 +117,10 @@ class DriveCore:
         self.metrics = LoopMetrics()
         self.faults = FaultMonitor(self.events, clear_hold=config.fault_clear_hold_ms / 1000.0,
                                    estop_hold=config.estop_hold_ms / 1000.0)
-        self.decider = Decider(config, self.faults, self.events, can_record=parts.recorder is not None)
+        # With a clearance (attestation.require), the modes in ``gated_modes`` drive only while it allows.
+        self.clearance = clearance
+        self.decider = Decider(config, self.faults, self.events, can_record=parts.recorder is not None,
+                               gated_modes=gated_modes if clearance is not None else frozenset())
         self.restored = dict(restored or {})
         self.period = 1.0 / config.rate_hz
         self.deadman_limit = config.deadman_periods * self.period
@@ -323,6 +328,8 @@ class DriveCore:
             row = metrics.row()
             row[INDEX["start"]] = now
             row[INDEX["wait_ms"]] = (now - start) * 1e3
+            if self.clearance is not None:
+                decider.clearance = self.clearance.latest  # one reference read: the gate's newest verdict
             decider.accept_stops(self.stops.new_requests(), now, stall=self.deadman.acknowledge())
             held_by = self.stops.held_by()  # once a cycle: the clear gate and the snapshot both use it
             self._apply_commands(now, held_by)

@@ -19,6 +19,9 @@ class Fault(StrEnum):
     DRIVE_STALL = "drive_stall"  # the dead-man monitor saw the drive thread stop cycling
     ESTOP = "estop"  # an e-stop from any source
     UNCLEAN_EXIT = "unclean_exit"  # the previous run ended without stopping while the car drove
+    ATTESTATION = "attestation"  # the attestation token was lost (expired, failed, revoked) while driving
+    AWAITING_ATTESTATION = "awaiting_attestation"  # no valid token yet this run, in a mode that needs one
 
 
-LATCHED = frozenset({Fault.ACTUATOR_FAILURE, Fault.DRIVE_STALL, Fault.ESTOP, Fault.UNCLEAN_EXIT})
+LATCHED = frozenset({Fault.ACTUATOR_FAILURE, Fault.DRIVE_STALL, Fault.ESTOP, Fault.UNCLEAN_EXIT,
+                     Fault.ATTESTATION})

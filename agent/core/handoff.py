@@ -1,7 +1,8 @@
 """Bounded, lock-free handoffs between the drive thread and the rest of the agent.
 
 Events go out through a bounded queue (dropped and counted when full: the drive thread never
-waits); manual control comes in as the newest value (``ManualControl``). Commands travel in
+waits); manual control comes in as the newest value (``ManualControl``), and so does the attestation
+gate's verdict (``Clearance``). Commands travel in
 per-source lanes (agent/core/commands.py) and e-stops are state (agent/core/stops.py).
 
 Each queue has exactly one producer and one consumer. ``collections.deque`` append and
@@ -88,3 +89,18 @@ class ManualControl:
 
 def _unit(value: float) -> float:
     return max(-1.0, min(1.0, float(value)))
+
+
+class Clearance:
+    """Whether the car may drive autonomously, from the attestation gate: a value, not a queue.
+
+    One writer (the agent's loop, which checks the fleet's signed tokens), read by the drive thread every cycle.
+    ``valid_until`` is on the core's clock (monotonic): the token's own expiry, so the core stops the car when
+    it passes even if nothing writes here again (a hung loop, a lost broker).
+    """
+
+    def __init__(self) -> None:
+        self.latest: tuple[bool, str, float] = (False, "no attestation token received yet", -math.inf)
+
+    def set(self, may_drive: bool, reason: str, valid_until: float) -> None:
+        self.latest = (bool(may_drive), str(reason), float(valid_until) if may_drive else -math.inf)

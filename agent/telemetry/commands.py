@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.core.commands import ClearFault, Command, CommandError, Record, SetMaxThrottle, SetMode
+from agent.rollout.commands import ModelRollback, model_update
 
-NAMES = ("estop", "clear_fault", "set_mode", "set_max_throttle", "record", "ping")
+NAMES = ("estop", "clear_fault", "set_mode", "set_max_throttle", "record", "ping", "model_update", "model_rollback")
+JOBS = ("model_update", "model_rollback")  # carried out by the agent (agent/rollout), not the drive core
 ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 MAX_PAYLOAD = 4096
 MAX_DEPTH = 8  # {"id": ..., "value": ...} needs 1; nothing legitimate needs more than a few
@@ -123,6 +125,12 @@ def _command(name: str, value: Any, identifier: str, received: float, expires: f
         if value not in ("start", "stop"):
             raise CommandError("value must be 'start' or 'stop'")
         command = Record(on=value == "start")
+    elif name == "model_update":
+        command = model_update(value)
+    elif name == "model_rollback":
+        if value is not None:
+            raise CommandError("model_rollback takes no value")
+        command = ModelRollback()
     else:
         if value is not None and not isinstance(value, str):
             raise CommandError("value must be a fault name, or absent for all latched faults")

@@ -32,11 +32,14 @@ BUFFER_EVENTS = 1000
 
 class FleetLink:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
-                 lane: CommandLane, estop: StopSource) -> None:
+                 lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
+                 on_attestation: Callable[[bytes], None] | None = None) -> None:
         self.config = config
+        self.on_attestation = on_attestation
         self.identity = identity
         self.outbox_path = outbox_path
         self.lane = lane
+        self.jobs = jobs
         self.estop = estop
         self.service: TelemetryService | None = None
         self._buffer: deque[Event] = deque()
@@ -85,7 +88,7 @@ class FleetLink:
             service: TelemetryService | None = None
             try:
                 service = TelemetryService(self.config, self.identity, outbox_path=self.outbox_path, lane=self.lane,
-                                           estop=self.estop)
+                                           estop=self.estop, jobs=self.jobs, on_attestation=self.on_attestation)
                 while self._buffer:
                     service.record(self._buffer[0])
                     self._buffer.popleft()

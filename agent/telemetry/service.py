@@ -81,12 +81,15 @@ class Inbound:
 
 class TelemetryService:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
-                 lane: CommandLane, estop: StopSource) -> None:
+                 lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
+                 on_attestation: Callable[[bytes], None] | None = None) -> None:
         assert config.url is not None
+        self.on_attestation = on_attestation  # tokens from the fleet's attestation bridge (on the loop)
         self.config = config
         self.topics = topics.Topics(config.fleet, config.car_id)
         self.identity = identity
         self.lane = lane
+        self.jobs = jobs  # model_update / model_rollback: to the rollout (None: refused, no models configured)
         self.estop = estop
         self.connected = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -150,6 +153,8 @@ class TelemetryService:
         # The birth goes out first on every connect, so "online" always follows a will.
         client.publish(self.topics.state, json.dumps(topics.birth(self.identity)), qos=1, retain=True)
         client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
+        if self.on_attestation is not None:
+            client.subscribe(self.topics.attestation, qos=1)  # retained: the newest token arrives at once
         if self.config.homeassistant:
             self._publish_discovery()
             client.subscribe(f"{self.config.homeassistant_prefix}/status", qos=1)
@@ -231,7 +236,15 @@ class TelemetryService:
     def _drain_inbound(self) -> None:
         self._drain_scheduled = False
         while self._inbound:
-            self._command(self._inbound.popleft())
+            item = self._inbound.popleft()
+            if item.topic == self.topics.attestation:
+                if self.on_attestation is not None:
+                    try:
+                        self.on_attestation(item.payload)  # the gate checks everything about the token
+                    except Exception:  # a bug there must not take the fleet link down: the token is refused
+                        log.exception("an attestation token could not be processed")
+                continue
+            self._command(item)
 
     def _command(self, item: Inbound) -> None:
         """A command from the fleet: validate, answer init, hand it to the core, track the outcome."""
@@ -256,13 +269,19 @@ class TelemetryService:
             self._respond(name, parsed.id, "successful", result={"pong": topics.now_ms()})
             return
         assert parsed.command is not None
-        refusal = self.lane.submit(parsed.command)
+        lane = self.jobs if name in commands.JOBS else self.lane
+        if lane is None:
+            self._fail(name, parsed.id, "refused: this car takes no model updates ([models] is not configured)")
+            return
+        refusal = lane.submit(parsed.command)
         if refusal:
             self._fail(name, parsed.id, refusal)
             return
         self._respond(name, parsed.id, "init")
         self._respond(name, parsed.id, "executing")
         deadline = parsed.command.expires if math.isfinite(parsed.command.expires) else item.received
+        if parsed.command.answer_within_s is not None:  # a job: taken at once, done when it is done
+            deadline = item.received + parsed.command.answer_within_s
         self._pending[parsed.id] = Pending(name, parsed.id, deadline + ANSWER_GRACE_S, command=parsed.command)
 
     def _answer_pending(self) -> None:

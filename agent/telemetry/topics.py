@@ -3,12 +3,14 @@
     donkey/<fleet>/<car_id>/state        retained: birth (online) on every connect; the will (offline)
     donkey/<fleet>/<car_id>/telemetry    QoS 0, {ts, values} at telemetry.rate_hz
     donkey/<fleet>/<car_id>/events       QoS 1, one event per message, unique id, from the durable outbox
+    donkey/<fleet>/<car_id>/attestation  retained, from the fleet's attestation bridge: the car's signed token
 """
 
 from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from agent.errors import AgentError
@@ -30,6 +32,7 @@ class Topics:
         self.state = f"{self.base}/state"
         self.telemetry = f"{self.base}/telemetry"
         self.events = f"{self.base}/events"
+        self.attestation = f"{self.base}/attestation"  # subscribed only with attestation.require
 
 
 def now_ms() -> int:
@@ -69,6 +72,19 @@ def telemetry(seq: int, status: dict[str, Any], platform: dict[str, Any]) -> dic
     if "output_offset_ms" in pacing:  # locked pacing: the adaptive output offset and whether it is locked
         values["output_offset_ms"] = pacing["output_offset_ms"]
         values["phase_locked"] = bool(pacing["locked"])
+    attestation = status.get("attestation")
+    if attestation:  # attestation.require: the gate's state, and when the current token runs out
+        values["attestation"] = attestation["state"]
+        if attestation.get("expires_ms") is not None:
+            values["attestation_expires_ms"] = attestation["expires_ms"]
+    model = status.get("model") or {}
+    if model.get("name") or model.get("path"):
+        values["model"] = model.get("name") or Path(model["path"]).stem
+        if model.get("version"):
+            values["model_version"] = model["version"]
+    rollout = status.get("rollout") or {}
+    if rollout.get("phase"):
+        values["model_rollout"] = rollout["phase"]
     if status.get("estop_held_by"):
         values["estop_held_by"] = status["estop_held_by"]
     recording = status.get("recording_stats")
