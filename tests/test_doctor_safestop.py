@@ -89,3 +89,34 @@ def test_doctor_warns_that_the_car_will_start_held(tmp_path: Path) -> None:
     out = doctor(config).stdout
     assert "WARN  safety state" in out and "the agent will start held: estop" in out
     assert "donkey-agent faults clear" in out
+
+
+def test_doctor_with_attestation_shows_this_machine_and_the_fleets_token(tmp_path: Path) -> None:
+    """No TPM here: the TPM row fails with its fix; the fleet's retained token for this car is checked as the
+    agent would check it (pass, then revoked)."""
+    from tests import mosquitto
+    from tests.test_attest_car import UUID, fleet_key, token
+
+    key, public = fleet_key(tmp_path)
+    broker = mosquitto.Broker(tmp_path).start()
+    config = tmp_path / "agent.toml"
+    config.write_text(f"""[drive]\nmode = "user"\n[telemetry]\nurl = "mqtt://127.0.0.1:{broker.port}"
+car_id = "car1"\nfleet = "lab"\n[attestation]\nrequire = true\ntrusted_keys = ["{public}"]\nagent_uuid = "{UUID}"
+[twin]\nport = 9\n""")
+    topic = "donkey/lab/car1/attestation"
+    try:
+        out = doctor(config).stdout
+        assert "FAIL  attestation: fleet token" in out and "no token on donkey/lab/car1/attestation" in out
+        tpm = next(line for line in out.splitlines() if "attestation: tpm_resource_manager" in line)
+        assert tpm.startswith("PASS" if Path("/dev/tpmrm0").exists() else "FAIL")
+        assert "attestation: keylime_agent_unit" in out and "attestation: securityfs" in out
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-r", "-t", topic, "-m",
+                        token(key, "pass").decode()], check=True)
+        out = doctor(config).stdout
+        assert "PASS  attestation: fleet token" in out and "expires in" in out
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-r", "-t", topic, "-m",
+                        token(key, "revoked").decode()], check=True)
+        out = doctor(config).stdout
+        assert "FAIL  attestation: fleet token" in out and "revoked" in out
+    finally:
+        broker.stop()

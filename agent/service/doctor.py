@@ -115,7 +115,70 @@ def run_checks(config_path: Path | None) -> list[Check]:
     checks += _realtime(config)
     checks.append(_model(config))
     checks.append(_safety_state(config))
+    if config.attestation.require:
+        checks += _attestation(config)
     return checks
+
+
+ATTEST_FIXES = {
+    "keylime_agent_config": "set a fixed uuid in /etc/keylime/agent.conf ([agent] uuid = \"...\"), or "
+                            "[attestation] agent_uuid",
+    "tpm_resource_manager": "enable the TPM (dtoverlay=tpm-slb9670 on a Pi) and the tpm_tis_spi module; reboot",
+    "securityfs": "mount -t securityfs securityfs /sys/kernel/security (or fix the kernel command line)",
+    "ima_measurements": "boot with IMA on (ima_policy from the shipped template; ima_template=ima-ng); run doctor "
+                        "as root to read the list",
+    "ima_policy": "install the shipped IMA policy (ansible/templates/ima-policy.j2) and reboot",
+    "keylime_agent_unit": "systemctl enable --now keylime_agent",
+}
+
+
+def _attestation(config: AgentConfig) -> list[Check]:
+    """The self-checks of agent/attest, and whether the fleet's bridge vouches for this car right now."""
+    import agent
+    from agent.attest.selfcheck import run_all
+
+    targets = [Path(agent.__file__).resolve().parent, *config.attestation.model_dirs,
+               *([config.autopilot.model] if config.autopilot.model else [])]
+    checks = []
+    for row in run_all(targets, unit=config.attestation.keylime_unit):
+        result = PASS if row.ok else (FAIL if row.ok is False else WARN)
+        fix = ATTEST_FIXES.get(row.name.split(":", 1)[0].replace("ima_policy_covers", "ima_policy"), "")
+        checks.append(Check(f"attestation: {row.name}", result, row.detail, fix))
+    checks.append(_fleet_token(config))
+    return checks
+
+
+def _fleet_token(config: AgentConfig, wait_s: float = 3.0) -> Check:
+    """The retained token on this car's attestation topic, checked as the running agent would check it."""
+    name = "attestation: fleet token"
+    if config.telemetry.url is None:
+        return Check(name, FAIL, "attestation.require is set but telemetry.url is not", "set telemetry.url")
+    from agent.attest.client import AttestationClient
+    from agent.attest.errors import AttestationSetupError
+    from agent.core.handoff import Clearance
+    from agent.telemetry.retained import read_retained
+    from agent.telemetry.topics import Topics
+
+    try:
+        client = AttestationClient(config.attestation, fleet=config.telemetry.fleet, car=config.telemetry.car_id,
+                                   clearance=Clearance())
+    except AttestationSetupError as exc:
+        return Check(name, FAIL, str(exc), "fix the named key")
+    topic = Topics(config.telemetry.fleet, config.telemetry.car_id).attestation
+    payload, problem = read_retained(config.telemetry, topic, wait_s)
+    if problem:
+        return Check(name, WARN, f"{topic}: {problem}", "check telemetry.url and the broker; is the fleet's "
+                     "donkey-attest-bridge running?")
+    if payload is None:
+        return Check(name, FAIL, f"no token on {topic}: the car will not drive autonomously",
+                     "is the fleet's donkey-attest-bridge running, and is this car's UUID enrolled with the verifier?")
+    client.on_token(payload)
+    status = client.status()
+    if status["may_drive"]:
+        left = (status["expires_ms"] - time.time() * 1000) / 1000
+        return Check(name, PASS, f"{status['reason']}; expires in {left:.0f} s")
+    return Check(name, FAIL, status["reason"], "see the fleet's Keylime verifier for this car's UUID "
+                 f"({client.uuid})")
 
 
 def _safety_state(config: AgentConfig) -> Check:
