@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh Debian/Ubuntu or Raspberry Pi OS machine.
 #   ./dev.sh demo   install, start the twin and let the agent drive it with the shipped autopilot
-#   ./dev.sh train-model   retrain models/pilot.tflite with DonkeyCar's trainer (installs the train extra)
+#   ./dev.sh train-model   retrain models/pilot.tflite with DonkeyCar's trainer, pack it as a bundle (out/pilot-bundle)
 #   ./dev.sh test   install what the tests need (Debian packages too, when run as root) and run them all
 #   ./dev.sh bench  run the benchmarks under bench/
 #   ./dev.sh lint   ruff and mypy only
@@ -87,6 +87,31 @@ run_benchmarks() {
     done
 }
 
+# Retrain the shipped autopilot, then pack it as a signed-model bundle with its provenance filled in (the tubs'
+# digests, DonkeyCar's version, the twin evaluation): out/pilot-bundle. Signed when SIGNING_KEY names an ECDSA
+# private key (PEM); such a key never belongs in this repository (docs/models.md).
+train_model() {
+    ensure_env "train" "${TEST_DEBS[@]}"
+    NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" models/train.py
+    pack_trained_model
+}
+
+pack_trained_model() {
+    local bundle=out/pilot-bundle version
+    version=$(date -u +%Y.%m.%d.%H%M)
+    mkdir -p out
+    rm -rf "$bundle"
+    "$VENV/bin/python" -m agent.bundle.provenance --train-manifest models/manifest.json \
+        --command "python models/train.py" build/train/tub_* > out/provenance.json
+    "$VENV/bin/donkey-agent" model pack "$bundle" --model models/pilot.tflite --name pilot --version "$version" \
+        --provenance out/provenance.json
+    if [ -n "${SIGNING_KEY:-}" ]; then
+        "$VENV/bin/donkey-agent" model sign "$bundle" --key "$SIGNING_KEY"
+    else
+        say "not signed: set SIGNING_KEY=/path/to/key.pem, or run: donkey-agent model sign $bundle --key KEY"
+    fi
+}
+
 run_tests() {
     ensure_env "dev" "${TEST_DEBS[@]}"
     say "lint"
@@ -98,7 +123,7 @@ run_tests() {
 case "${1:-}" in
     demo) demo ;;
     test) shift; run_tests "$@" ;;
-    train-model) ensure_env "train" "${TEST_DEBS[@]}"; NO_ALBUMENTATIONS_UPDATE=1 "$VENV/bin/python" models/train.py ;;
+    train-model) train_model ;;
     bench) ensure_env "dev" "${TEST_DEBS[@]}"; run_benchmarks ;;
     lint) ensure_env "dev" "${TEST_DEBS[@]}"; lint ;;
     *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", type=Path, help="an (N, 120, 160, 3) uint8 .npy array to run through the model")
     check.add_argument("--json", action="store_true", help="machine-readable output")
     check.add_argument("--kind", default="auto", help="override the kind detected from the signature")
+    _add_bundle_commands(model_commands)
     stop = commands.add_parser("safe-stop", help="put the configured actuators in neutral (systemd ExecStopPost)")
     stop.add_argument("--config", type=Path, help=f"config file (default: {DEFAULT_PATH} if it exists)")
     doctor = commands.add_parser("doctor", help="check this car: config, devices, permissions, real time, model")
@@ -56,6 +57,67 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_attest_parser(commands)
     return parser
+
+
+def _add_bundle_commands(model_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`model pack|sign|verify|install|list|rollback`: signed bundles (docs/models.md)."""
+    config_help = f"config file (default: {DEFAULT_PATH} if it exists)"
+    pack = model_commands.add_parser("pack", help="make a bundle directory: the model (checked) and its manifest")
+    pack.add_argument("directory", type=Path, help="the bundle directory to create (new or empty)")
+    pack.add_argument("--model", type=Path, required=True, help="the .tflite to pack")
+    pack.add_argument("--name", required=True, help="the model's name (letters, digits, . _ -)")
+    pack.add_argument("--version", required=True, help="the model's version, e.g. 2026.12.06")
+    pack.add_argument("--provenance", metavar="JSON", help="a JSON file (or inline JSON) of training_data, "
+                      "training_command, donkeycar_version, twin_evaluation")
+    pack.add_argument("--kind", default="auto", help="override the kind detected from the signature")
+    pack.add_argument("--min-agent-version", help="oldest donkey-agent that may run it (default: this one)")
+    pack.add_argument("--json", action="store_true")
+    sign = model_commands.add_parser("sign", help="sign a bundle (OpenSSF Model Signing): writes BUNDLE/model.sig")
+    sign.add_argument("bundle", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the ECDSA private key (PEM)")
+    sign.add_argument("--certificate", type=Path, help="sign with this certificate for --key (PKI fleets)")
+    sign.add_argument("--chain", type=Path, nargs="*", default=[], help="intermediate certificates (PEM)")
+    sign.add_argument("--password-env", metavar="VAR", help="environment variable holding the key's password")
+    sign.add_argument("--json", action="store_true")
+    verify = model_commands.add_parser("verify", help="check a bundle's signature, manifest and digests")
+    verify.add_argument("bundle", type=Path, help="a bundle directory or tar")
+    trust = verify.add_mutually_exclusive_group()
+    trust.add_argument("--trust", type=Path, metavar="DIR", help="trust store directory (default: models.trust_dir)")
+    trust.add_argument("--key", type=Path, nargs="+", metavar="PEM", help="trust only these public keys or CAs")
+    verify.add_argument("--config", type=Path, help=config_help)
+    verify.add_argument("--json", action="store_true")
+    install = model_commands.add_parser("install", help="verify, smoke-test and stage a bundle (dir, tar or URL)")
+    install.add_argument("source", help="a bundle directory, a .tar/.tar.gz, or an http(s):// URL of one")
+    install.add_argument("--sha256", help="the download's announced sha256 (URLs)")
+    install.add_argument("--size", type=int, help="the download's announced size in bytes (URLs)")
+    install.add_argument("--config", type=Path, help=config_help)
+    install.add_argument("--json", action="store_true")
+    for name, text in (("list", "the active, previous and staged models"),
+                       ("rollback", "make the previous model active again")):
+        command = model_commands.add_parser(name, help=text)
+        command.add_argument("--config", type=Path, help=config_help)
+        command.add_argument("--json", action="store_true")
+
+
+def _model(args: argparse.Namespace) -> int:
+    from agent.bundle import commands
+
+    if args.model_command == "pack":
+        return commands.pack(args.directory, args.model, name=args.name, version=args.version,
+                             provenance=args.provenance, kind=args.kind, min_agent_version=args.min_agent_version,
+                             as_json=args.json)
+    if args.model_command == "sign":
+        return commands.sign(args.bundle, key=args.key, certificate=args.certificate, chain=args.chain,
+                             password_env=args.password_env, as_json=args.json)
+    if args.model_command == "verify":
+        return commands.verify(args.bundle, config_path=args.config, trust_dir=args.trust, keys=args.key or [],
+                               as_json=args.json)
+    if args.model_command == "install":
+        return commands.install(args.source, config_path=args.config, sha256=args.sha256, size=args.size,
+                                as_json=args.json)
+    if args.model_command == "list":
+        return commands.list_models(config_path=args.config, as_json=args.json)
+    return commands.rollback(config_path=args.config, as_json=args.json)
 
 
 def tub_info(path: Path) -> dict[str, object]:
@@ -175,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"donkey-agent import-calibration: {exc}", file=sys.stderr)
             return 78
         return 0
+    if args.command == "model" and args.model_command != "check":
+        return _model(args)
     if args.command == "model":
         from agent.pilot.check import main_check
 

@@ -183,6 +183,41 @@ class TelemetryConfig(Section):
         return self
 
 
+class RolloutConfig(Section):
+    """How a staged model earns its place (agent/rollout): a shadow trial, then probation once active."""
+
+    shadow: bool = True  # trial the candidate beside the active model on live frames before it may drive
+    shadow_min_frames: Annotated[int, Field(ge=1)] = 200  # frames it must have answered (10 s at 20 Hz)
+    shadow_timeout_s: Annotated[float, Field(gt=0)] = 300.0  # no verdict by then (the car never drove): rejected
+    max_steering_error_mean: Annotated[float, Field(ge=0, le=2)] = 0.10  # |candidate - active|, on [-1, 1]
+    max_steering_error_max: Annotated[float, Field(ge=0, le=2)] = 0.60
+    max_throttle_error_mean: Annotated[float, Field(ge=0, le=2)] = 0.10
+    max_throttle_error_max: Annotated[float, Field(ge=0, le=2)] = 0.60
+    probation_s: Annotated[float, Field(ge=0)] = 120.0  # after activation: model faults in this window roll back
+    probation_max_inference_errors: Annotated[int, Field(ge=0)] = 0
+    probation_max_inference_overruns: Annotated[int, Field(ge=0)] = 0
+    probation_max_drive_stalls: Annotated[int, Field(ge=0)] = 0
+
+
+class ModelsConfig(Section):
+    """Signed model bundles (docs/models.md): where they are trusted from, kept, dropped, and the limits."""
+
+    trust_dir: Path = Path("/etc/donkey-agent/trusted-keys")  # PEM public keys / CA certificates (+ NAME.toml)
+    store: Path | None = None  # the A/B slots; default: models/ in the state directory
+    inbox: Path | None = None  # where bundle tars are dropped; default: inbox/ in the state directory
+    require_signed: bool = True  # false: unsigned bundles are accepted, loudly (development only)
+    max_bundle_mb: Annotated[float, Field(gt=0, le=4096)] = 256.0
+    keep_free_mb: Annotated[float, Field(ge=0)] = 64.0  # downloads never leave less free on the disk
+    connect_timeout_s: Annotated[float, Field(gt=0, le=600)] = 10.0
+    read_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # longest silence inside a download
+    download_deadline_s: Annotated[float, Field(gt=0)] = 1800.0  # a whole download, every retry included
+    download_attempts: Annotated[int, Field(ge=1, le=100)] = 5  # attempts in a row without progress
+    smoke_budget_ms: Annotated[float, Field(gt=0)] = 40.0  # largest invoke p99 in the smoke test
+    smoke_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0  # the smoke test process is killed after this
+    smoke_frames: Path | None = None  # recorded frames (.npy, uint8 N x H x W x 3) for the smoke test
+    rollout: RolloutConfig = RolloutConfig()
+
+
 class StateConfig(Section):
     # Latched faults, the run marker and the fleet outbox live here. Default: $STATE_DIRECTORY
     # (systemd's StateDirectory=), else $XDG_STATE_HOME (~/.local/state)/donkey-agent/<fleet>-<car_id>.
@@ -228,6 +263,7 @@ class AgentConfig(Section):
     gpio: GpioConfig = GpioConfig()
     recording: RecordingConfig = RecordingConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+    models: ModelsConfig = ModelsConfig()
     state: StateConfig = StateConfig()
     logging: LoggingConfig = LoggingConfig()
     attestation: AttestationConfig = AttestationConfig()

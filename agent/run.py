@@ -25,6 +25,8 @@ from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import numpy as np
+
 from agent.attest.errors import AttestationSetupError
 from agent.config import AgentConfig, ConfigError, load
 from agent.core.commands import CommandLane, SetMaxThrottle
@@ -45,6 +47,8 @@ from agent.tub import TubRecorder, TubWriter
 
 if TYPE_CHECKING:
     from agent.attest.client import AttestationClient
+    from agent.bundle.store import ModelStore
+    from agent.rollout.manager import Rollout
 
 log = logging.getLogger("donkey-agent")
 
@@ -108,6 +112,7 @@ class Daemon:
         self.reload_lane = CommandLane("reload", capacity=4)
         self.link: Any = None  # the simulator link (TwinLink) when driving a simulator: its counters are reported
         self.attestation: AttestationClient | None = None
+        self.rollout: Rollout | None = None
         self.watchdog_withheld = ""
 
     def request_stop(self, reason: str) -> None:
@@ -183,17 +188,21 @@ class Daemon:
             camera, actuators = parts
             self.link = getattr(camera, "link", None) or getattr(actuators, "link", None)  # the twin's, if any
             recorder = self._open_recorder(stack)
+            store = self._model_store()
+            model_path, model_kind, model_label = self._start_model(store)
             make_pilot = None
-            if config.autopilot.model is not None:
-                model_path, autopilot = config.autopilot.model, config.autopilot
+            if model_path is not None:
+                num_threads = config.autopilot.num_threads
 
                 def make_pilot() -> Autopilot:
-                    return Autopilot(model_path, kind=autopilot.kind, num_threads=autopilot.num_threads)
+                    return Autopilot(model_path, kind=model_kind, num_threads=num_threads)
 
             gated = NEEDS_PILOT if config.attestation.manual_without_token else frozenset(MODES)
-            core = self.core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder),
+            core = self.core = DriveCore(config.drive, DriveParts(camera, actuators, make_pilot, recorder, model_label),
                                          restored=restored, clearance=clearance, gated_modes=gated)
             core.lanes.add(self.reload_lane)
+            if store is not None:
+                self.rollout = self._make_rollout(store, core)
             if config.telemetry.url is not None:
                 self.fleet = FleetLink(config.telemetry, identity(config),
                                        outbox_path=config.telemetry.outbox or state.directory / "outbox.db",
@@ -201,6 +210,7 @@ class Daemon:
                                                                        rate_per_s=config.telemetry.command_rate_per_s,
                                                                        burst=20)),
                                        estop=core.stops.source("mqtt"),
+                                       jobs=self.rollout.jobs if self.rollout else None,
                                        on_attestation=self.attestation.on_token if self.attestation else None)
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(config, core, stack)
@@ -241,6 +251,56 @@ class Daemon:
                 await asyncio.wait_for(self.stop.wait(), 0.5)
             client.tick()
 
+    def _model_store(self) -> ModelStore | None:
+        """The signed-model slots (docs/models.md), unless a model file was named for development (--model)."""
+        if "autopilot.model" in self.overrides:
+            return None
+        from agent.bundle.stage import store_root
+        from agent.bundle.store import ModelStore
+
+        return ModelStore(store_root(self.config))
+
+    def _start_model(self, store: ModelStore | None) -> tuple[Path | None, str, dict[str, Any] | None]:
+        """The model the car starts with: the store's active bundle (verified when it was staged), else the
+        configured file, which is unsigned: said loudly, it is for development."""
+        autopilot = self.config.autopilot
+        if store is not None:
+            from agent.bundle.stage import installed
+
+            for action in store.recover():  # a crash in the middle of a slot change: finish or undo it first
+                log.warning("model store: %s", action)
+            active = store.slot("active")
+            if active is not None:
+                model = installed(active)
+                log.info("model: %s %s (sha256 %s, signed by %s), from the store", model.name, model.version,
+                         model.sha256[:12], model.signer_key_id or "nobody: models.require_signed is off")
+                return model.model_path, model.kind, {"name": model.name, "version": model.version,
+                                                      "sha256": model.sha256, "bundle_id": model.bundle_id}
+        if autopilot.model is not None:
+            log.warning("model: %s is an UNSIGNED model file (development only): a car in the fleet runs signed "
+                        "bundles (donkey-agent model install; docs/models.md)", autopilot.model)
+        return autopilot.model, autopilot.kind, None
+
+    def _make_rollout(self, store: ModelStore, core: DriveCore) -> Rollout:
+        from agent.bundle.stage import inbox_directory
+        from agent.rollout.manager import Rollout, settings_from
+        from agent.rollout.staging import stage_in_child
+
+        config = self.config
+
+        def stage(source: str, **kwargs: Any) -> Any:  # in a child process: the daemon never imports sigstore
+            return stage_in_child(config, source, **kwargs)
+
+        def load_pilot(path: Path, kind: str) -> Autopilot:
+            pilot = Autopilot(path, kind=kind, num_threads=config.autopilot.num_threads)
+            imu = np.zeros(6) if pilot.kind == "imu" else None  # warmed here, off the drive thread
+            pilot.run(np.full((*pilot.image_shape[:2], 3), 128, np.uint8), imu=imu)
+            pilot.reset()
+            return pilot
+
+        return Rollout(store, core, core.lanes.add(CommandLane("models", capacity=4)), settings_from(config),
+                       stage=stage, load_pilot=load_pilot, inbox=inbox_directory(config))
+
     def _open_recorder(self, stack: ExitStack) -> TubRecorder | None:
         if self.record is None:
             return None
@@ -280,6 +340,10 @@ class Daemon:
                 tasks.create_task(self._stop_after(self.duration), name="duration")
             if self.attestation is not None:
                 tasks.create_task(self._attestation_ticks(self.attestation), name="attestation")
+            if self.rollout is not None:
+                rollout = self.rollout
+                await asyncio.to_thread(rollout.start)
+                tasks.create_task(contained(rollout.run(self.stop), "the model rollout"), name="rollout")
             if self.fleet is not None:
                 tasks.create_task(contained(self.fleet.run(fleet_stop, self._telemetry_status), "the fleet link"),
                                   name="fleet-link")
@@ -330,6 +394,8 @@ class Daemon:
             status["recording_stats"] = self.recorder.stats()
         if self.attestation is not None:
             status["attestation"] = self.attestation.status()
+        if self.rollout is not None:
+            status["rollout"] = self.rollout.status()
         return status
 
     def _fleet_metrics(self) -> dict[str, float]:
@@ -355,8 +421,12 @@ class Daemon:
         queues = [core.events, core.deadman.events]
         if self.attestation is not None:
             queues.append(self.attestation.events)
+        if self.rollout is not None:
+            queues.append(self.rollout.events)
         for queue in queues:
             for event in queue.drain():
+                if self.rollout is not None and queue is core.events:
+                    self.rollout.observe(event)
                 log_event(event)
                 if self.fleet is not None:
                     self.fleet.record(event)

@@ -28,7 +28,7 @@ class ProbationLimits:
 class Probation:
     label: dict[str, Any]
     started: float
-    limits: ProbationLimits = ProbationLimits()
+    limits: ProbationLimits = field(default_factory=ProbationLimits)
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODEL_FAULTS, 0))
 
     def observe(self, event: Event) -> None:

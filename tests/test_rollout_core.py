@@ -1,0 +1,203 @@
+"""A model rollout on a driving car, in process: the drive core on the twin rig, the real store, real staging
+(in its child process: signature, smoke test), a real shadow trial, activation only once the car is stopped,
+probation and an automatic rollback.
+
+The misbehaviour for the rollback is injected at the model's boundary: the candidate is the real interpreter on the
+real model, wrapped so the test can make it answer NaN on demand (a model that fails only on some live frames,
+which its smoke test and shadow trial could not see). The core's NaN handling itself is tested with a real NaN
+model on real frames in tests/test_drive_core.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.bundle.signing import sign_with_key
+from agent.bundle.stage import installed
+from agent.bundle.store import ModelStore
+from agent.config import DriveConfig, RealtimeConfig, validate
+from agent.core.commands import CommandLane, SetMode
+from agent.core.drive import DriveCore, DriveParts
+from agent.pilot import Autopilot
+from agent.pilot.model import PilotOutput
+from agent.rollout.manager import Rollout, settings_from
+from agent.rollout.staging import stage_in_child
+from tests.bundles import MODEL, make_bundle, make_key
+from tests.fakes.parts import TwinRig
+
+FIXTURES = Path(__file__).parent / "fixtures" / "models"
+
+
+class Glitchy:
+    """The real interpreter; ``glitch`` makes its answers NaN (the test's injected misbehaviour)."""
+
+    glitch = False
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.inner = Autopilot(path, kind=kind)
+        self.path, self.kind, self.image_shape = self.inner.path, self.inner.kind, self.inner.image_shape
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def result(self) -> Any:
+        if not Glitchy.glitch:
+            return self.inner.result()
+        real = self.inner._decode  # the interpreter's outputs decode to NaN: Autopilot.result refuses them
+        self.inner._decode = lambda: PilotOutput(float("nan"), 0.2)  # type: ignore[method-assign]
+        try:
+            return self.inner.result()
+        finally:
+            self.inner._decode = real  # type: ignore[method-assign]
+
+
+def setup(tmp_path: Path, *, shadow: bool, probation_s: float = 30.0) -> tuple[Any, ModelStore, Path]:
+    private, public = make_key(tmp_path, "fleet")
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    (trust / "fleet.pem").write_bytes(public.read_bytes())
+    config = validate({"models": {"trust_dir": str(trust), "store": str(tmp_path / "store"),
+                                  "rollout": {"shadow": shadow, "shadow_min_frames": 20, "probation_s": probation_s}},
+                       "drive": {"realtime": {"priority": 0, "lock_memory": False}}}, "test")
+    return config, ModelStore(tmp_path / "store"), private
+
+
+def bundle(tmp_path: Path, private: Path, version: str, model: Path = MODEL) -> Path:
+    directory = make_bundle(tmp_path / f"bundle-{version}", model_file=model, version=version)
+    sign_with_key(directory, private)
+    return directory
+
+
+def make_rollout(config: Any, store: ModelStore, core: DriveCore) -> Rollout:
+    def stage(source: str, **kwargs: Any) -> Any:
+        return stage_in_child(config, source, **kwargs)
+
+    def load(path: Path, kind: str) -> Any:
+        pilot = Glitchy(path, kind)
+        pilot.run(np.full((120, 160, 3), 128, np.uint8))
+        return pilot
+
+    return Rollout(store, core, core.lanes.add(CommandLane("models", capacity=4)), settings_from(config),
+                   stage=stage, load_pilot=load)
+
+
+def steps(rollout: Rollout) -> list[tuple[str, dict]]:
+    return [(e.detail["step"], e.detail) for e in rollout.events.drain() if e.kind == "model"]
+
+
+async def forward_events(core: DriveCore, rollout: Rollout, stop: asyncio.Event) -> None:
+    """What the daemon does with the core's events: the rollout's probation sees them."""
+    while not stop.is_set():
+        for event in core.events.drain():
+            rollout.observe(event)
+        await asyncio.sleep(0.05)
+
+
+async def until(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return bool(predicate())
+
+
+@pytest.mark.slow
+def test_shadow_then_activation_only_when_stopped_then_an_automatic_rollback(tmp_path: Path) -> None:
+    config, store, private = setup(tmp_path, shadow=True)
+    store.install(bundle(tmp_path, private, "1.0.0"))  # the car's first model, as Ansible would leave it
+    store.promote()
+    first = installed(store.slot("active"))  # type: ignore[arg-type]
+    rig = TwinRig()
+    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False), stopped_after_ms=300),
+                     DriveParts(rig, rig, lambda: Autopilot(first.model_path), model_label={"name": "pilot",
+                                                                                             "version": "1.0.0"}))
+    core.start()
+    assert core.wait_ready(20), core.error
+    rollout = make_rollout(config, store, core)
+    seen: list[tuple[str, dict]] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        rollout.start()
+        runner = asyncio.create_task(rollout.run(stop))
+        forwarder = asyncio.create_task(forward_events(core, rollout, stop))
+        try:
+            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))  # as the inbox would
+            rollout._staged(rollout._stage_from_slot(), None)  # the staged slot, as after an inbox drop
+            assert await until(lambda: rollout.phase == "shadow", 20)
+            assert await until(lambda: rollout.phase == "waiting_for_stop", 20), rollout.status()
+            await asyncio.sleep(1.5)  # the car drives on local: the swap is refused, and waits
+            assert rollout.phase == "waiting_for_stop" and core.status()["model"]["version"] == "1.0.0"
+            assert core.submit(SetMode(mode="user")) == ""  # the operator stops the car
+            assert await until(lambda: rollout.phase == "probation", 10), rollout.status()
+            assert core.status()["model"]["version"] == "2.0.0"
+            assert installed(store.slot("active")).version == "2.0.0"  # type: ignore[arg-type]
+            assert core.submit(SetMode(mode="local")) == ""
+            await asyncio.sleep(0.5)
+            Glitchy.glitch = True  # the new model starts answering NaN on live frames
+            assert await until(lambda: rollout.phase == "idle" and core.status()["model"]["version"] == "1.0.0", 15), \
+                rollout.status()
+            assert installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
+        finally:
+            Glitchy.glitch = False
+            seen.extend(steps(rollout))
+            stop.set()
+            await runner
+            await forwarder
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        core.stop()
+        rig.close()
+    names = [name for name, _ in seen]
+    assert names[:1] == ["staged"] and "shadow_started" in names and "shadow_passed" in names
+    assert names.index("activation_waiting") < names.index("activated") < names.index("rollback_started")
+    assert names[-1] == "rolled_back" and core.metrics.deadline_misses == 0
+    waiting = dict(seen)["activation_waiting"]
+    assert "moving" in waiting["detail"] and waiting["model_version"] == "2.0.0"
+    assert "inference errors" in dict(seen)["rollback_started"]["detail"]
+
+
+@pytest.mark.slow
+def test_a_candidate_that_disagrees_in_shadow_is_rejected_and_never_drives(tmp_path: Path) -> None:
+    config, store, private = setup(tmp_path, shadow=True)
+    store.install(bundle(tmp_path, private, "1.0.0"))
+    store.promote()
+    rig = TwinRig()
+    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False)),
+                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
+    core.start()
+    assert core.wait_ready(20), core.error
+    rollout = make_rollout(config, store, core)
+    seen: list[tuple[str, dict]] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        rollout.start()
+        runner = asyncio.create_task(rollout.run(stop))
+        try:
+            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "3.0.0", FIXTURES / "linear.tflite")))
+            rollout._staged(rollout._stage_from_slot(), None)
+            assert await until(lambda: rollout.phase == "idle" and rollout.pending is None, 30), rollout.status()
+        finally:
+            seen.extend(steps(rollout))
+            stop.set()
+            await runner
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        core.stop()
+        rig.close()
+    rejected = dict(seen)["rejected"]
+    assert "shadow trial failed" in rejected["detail"] and rejected["model_version"] == "3.0.0"
+    assert store.slot("staged") is None and installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
+    assert core.status()["model"].get("path") == str(MODEL)
