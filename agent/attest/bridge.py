@@ -10,6 +10,12 @@ retained (no expiry), and a later ``pass`` is issued only once the verifier repo
 after the revocation (so a poll racing the webhook cannot undo it). Several instances share a fleet: inbound
 work (cars' refresh requests) arrives on an MQTT 5 shared subscription ``$share/<group>/...``, polling is split
 by ``shard = "i/N"`` (a stable hash of the UUID), and any instance can take the webhook.
+
+Policy requests (``policy_sync``): a car asks, before it opens a new model, that the model's digest be listed in
+its named runtime policy. The request arrives on a shared subscription; the bridge checks it (the car's own UUID,
+paths under ``policy_prefixes``, digests in ``policy_digests`` when set), merges it into the named policy on the
+verifier (a union: never pruned here) and confirms on ``.../attestation/policy/ready`` once the verifier is sure
+to validate the next quote against the new policy (``settle``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import hashlib
 import json
 import logging
+import ssl
 import sys
 import threading
 import time
@@ -30,12 +37,22 @@ from typing import Any
 from urllib.parse import urlparse
 
 from agent.attest import token as tokens
-from agent.attest.verifier import VerifierClient, VerifierError, map_status
+from agent.attest.policy_sync import (
+    PolicyReady,
+    PolicyRequest,
+    PolicySyncError,
+    merge,
+    parse_request,
+    policy_filter,
+    ready_topic,
+)
+from agent.attest.verifier import ATTESTING, VerifierClient, VerifierError, map_status
 from agent.errors import AgentError
 
 log = logging.getLogger("donkey.attest.bridge")
 SHARE_GROUP = "donkey-attest-bridge"
 REVOKED_LIFETIME_MS = 7 * 24 * 3600 * 1000  # a revoked token outlives any pass: it is the broker-held memory
+READY_EXPIRY_S = 300.0  # a policy confirmation nobody took is of no use later (the car asks again)
 
 
 class BridgeConfigError(AgentError, ValueError):
@@ -67,9 +84,18 @@ class BridgeConfig:
     max_attestation_age_s: float = 60.0
     webhook: str = "127.0.0.1:8990"  # host:port to listen on; "" = no webhook listener
     revocation_cert: Path | None = None  # verify the webhook's RSA-PSS signature with this certificate
+    # keylime 7.14.3 posts the webhook over TLS whenever its trusted_server_ca is set (any URL scheme): the bridge's
+    # certificate must chain to it; with webhook_client_ca the verifier's client certificate is required too.
+    webhook_cert: Path | None = None
+    webhook_key: Path | None = None
+    webhook_client_ca: Path | None = None
     shard: tuple[int, int] = (0, 1)
     discover: bool = False  # also serve every agent the verifier knows, with car id = its UUID
     group: str = SHARE_GROUP
+    policy_name: str = "{uuid}"  # the car's named runtime policy; keylime names it after the agent by default
+    policy_prefixes: tuple[str, ...] = ("/opt/donkey/models/",)  # the only paths cars may add digests for
+    policy_digests: Path | None = None  # when set: only digests listed here (sha256sum format) are added
+    policy_settle_timeout_s: float = 60.0
 
 
 def load_config(path: Path) -> BridgeConfig:
@@ -78,6 +104,7 @@ def load_config(path: Path) -> BridgeConfig:
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise BridgeConfigError(f"{path}: {exc}") from None
     bridge, verifier, cars = data.get("bridge", {}), data.get("verifier", {}), data.get("cars", {})
+    policies = data.get("policy", {})
 
     def need(table: Mapping[str, Any], section: str, key: str) -> Any:
         if key not in table:
@@ -90,6 +117,14 @@ def load_config(path: Path) -> BridgeConfig:
     index, _, count = str(bridge.get("shard", "0/1")).partition("/")
     if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
         raise BridgeConfigError(f"{path}: bridge.shard: expected 'i/N' with 0 <= i < N, got {bridge.get('shard')!r}")
+    prefixes = policies.get("prefixes", ["/opt/donkey/models/"])
+    if not (isinstance(prefixes, list) and all(isinstance(prefix, str) and prefix.startswith("/")
+                                               and prefix.endswith("/") for prefix in prefixes)):
+        raise BridgeConfigError(f"{path}: policy.prefixes: expected a list of absolute directories ending in '/'")
+    try:
+        str(policies.get("name", "{uuid}")).format(car="car", uuid="uuid")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise BridgeConfigError(f"{path}: policy.name: only {{car}} and {{uuid}} may be used ({exc})") from None
     if not all(isinstance(value, str) for value in cars.values()):
         raise BridgeConfigError(f"{path}: cars: expected car_id = \"<Keylime agent UUID>\" lines")
     return BridgeConfig(
@@ -101,8 +136,13 @@ def load_config(path: Path) -> BridgeConfig:
         poll_interval_s=float(bridge.get("poll_interval_s", 10.0)),
         max_attestation_age_s=float(bridge.get("max_attestation_age_s", 60.0)),
         webhook=str(bridge.get("webhook", "127.0.0.1:8990")), revocation_cert=optional_path(bridge, "revocation_cert"),
+        webhook_cert=optional_path(bridge, "webhook_cert"), webhook_key=optional_path(bridge, "webhook_key"),
+        webhook_client_ca=optional_path(bridge, "webhook_client_ca"),
         shard=(int(index), int(count)), discover=bool(bridge.get("discover", False)),
-        group=str(bridge.get("group", SHARE_GROUP)))
+        group=str(bridge.get("group", SHARE_GROUP)), policy_name=str(policies.get("name", "{uuid}")),
+        policy_prefixes=tuple(str(prefix) for prefix in policies.get("prefixes", ["/opt/donkey/models/"])),
+        policy_digests=optional_path(policies, "digests"),
+        policy_settle_timeout_s=float(policies.get("settle_timeout_s", 60.0)))
 
 
 def in_shard(agent_uuid: str, shard: tuple[int, int]) -> bool:
@@ -159,6 +199,8 @@ class Bridge:
     revoked_ms: dict[str, int] = field(default_factory=dict)  # uuid -> iat of the newest revoked token seen
     _last_iat: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _policy_locks: dict[str, threading.Lock] = field(default_factory=dict)
+    sleep: Callable[[float], None] = time.sleep
 
     def _now_ms(self) -> int:
         # Strictly increasing per instance: iat is the cars' replay counter.
@@ -226,6 +268,105 @@ class Bridge:
             self.revoked_ms[agent_uuid] = max(claims.iat for claims in issued)
         return issued
 
+    def uuid_of(self, car: str) -> str | None:
+        return self.config.cars.get(car) or (car if self.config.discover else None)
+
+    def handle_policy(self, car: str, payload: bytes) -> PolicyReady | None:
+        """A car's policy request (``donkey/<fleet>/<car>/attestation/policy``): apply it, publish the answer."""
+        try:
+            request = parse_request(payload)
+        except PolicySyncError as exc:
+            log.warning("policy request from %s refused: %s", car, exc)
+            return None
+        ready = self.apply_policy(car, request)
+        if not ready.ok:
+            log.warning("policy request %s from %s refused: %s", request.request_id, car, ready.error)
+        self.publish(ready_topic(self.config.fleet, car), ready.encode(), False, READY_EXPIRY_S)
+        return ready
+
+    def _approved(self) -> set[str] | None:
+        if self.config.policy_digests is None:
+            return None
+        lines = self.config.policy_digests.read_text(encoding="utf-8").splitlines()
+        return {line.split()[0].lower() for line in lines if line.strip() and not line.startswith("#")}
+
+    def apply_policy(self, car: str, request: PolicyRequest) -> PolicyReady:
+        """Merge ``request`` into the car's named runtime policy; the confirmation (or refusal) to publish."""
+        def refuse(why: str) -> PolicyReady:
+            return PolicyReady(request.request_id, car, request.uuid, False, error=why)
+
+        agent_uuid = self.uuid_of(car)
+        if agent_uuid is None or agent_uuid.lower() != request.uuid or request.car != car:
+            return refuse(f"car {request.car!r} with agent {request.uuid} is not this bridge's car {car!r}")
+        outside = [path for path in request.digests if not path.startswith(self.config.policy_prefixes)
+                   or "/../" in path or "/./" in path]
+        if outside:
+            return refuse(f"{outside[0]}: only paths under {', '.join(self.config.policy_prefixes)} may be added")
+        try:
+            approved = self._approved()
+        except OSError as exc:
+            return refuse(f"policy.digests: {exc}")
+        if approved is not None:
+            unknown = sorted({digest for values in request.digests.values() for digest in values} - approved)
+            if unknown:
+                return refuse(f"digest {unknown[0]} is not in the fleet's approved list")
+        name = self.config.policy_name.format(car=car, uuid=agent_uuid)
+        with self._lock:
+            lock = self._policy_locks.setdefault(name, threading.Lock())
+        with lock:  # one writer per policy in this instance; other instances: re-read and retry below
+            try:
+                listed = None
+                for _ in range(3):
+                    current = self.verifier.runtime_policy(name)
+                    if current is None:
+                        return refuse(f"the verifier has no runtime policy named {name!r}: enrol the car with it")
+                    merged, changed = merge(current, request.digests)
+                    if changed:
+                        self.verifier.put_runtime_policy(name, merged)
+                    listed = self.verifier.runtime_policy(name) or {}
+                    if all(set(values) <= set(listed.get("digests", {}).get(path, []))
+                           for path, values in request.digests.items()):
+                        break
+                else:
+                    return refuse(f"runtime policy {name!r} kept changing under concurrent updates")
+                problem = self.settle(agent_uuid)
+            except VerifierError as exc:
+                return refuse(str(exc))
+        if problem:
+            return refuse(problem)
+        release = listed.get("release")
+        return PolicyReady(request.request_id, car, request.uuid, True, name,
+                           release if isinstance(release, int) else None,
+                           {path: tuple(listed["digests"][path]) for path in request.digests})
+
+    def settle(self, agent_uuid: str) -> str:
+        """Wait until the verifier validates this agent's next quote against the policy as it is now; "" or why not.
+
+        keylime 7.14.3 (pull mode) reads the policy once per cycle, in ``process_agent``, and hands that copy to the
+        next scheduled ``invoke_get_quote`` (``call_later(quote_interval, invoke_get_quote, agent, mb_policy,
+        runtime_policy, ...)``); the attestation count reaches the database only after that read. So a quote
+        scheduled before the update is still checked against the old policy: a confirmation sent at once would let
+        the car measure the new file into a quote judged by the old policy (``runtime_policy_hash``, terminal). Two
+        more successful attestations counted after the update guarantee the read after it. An agent the verifier
+        is not attesting has no scheduled quote: its next start reads the policy afresh.
+        """
+        status = self.verifier.agent(agent_uuid)
+        state = status.get("operational_state") if status else None
+        if status is None or (state not in ATTESTING and not (state is None and
+                                                              status.get("attestation_status") == "PASS")):
+            return ""
+        start = int(status.get("attestation_count") or 0)
+        deadline = self.clock() + self.config.policy_settle_timeout_s
+        while self.clock() < deadline:
+            self.sleep(0.2)
+            status = self.verifier.agent(agent_uuid)
+            if status is None or status.get("operational_state") not in ATTESTING | {None}:
+                return ""  # no longer attesting: nothing scheduled with the old policy; its token tells the car
+            if int(status.get("attestation_count") or 0) >= start + 2:
+                return ""
+        return (f"the verifier did not attest agent {agent_uuid} twice within "
+                f"{self.config.policy_settle_timeout_s:.0f} s of the policy update")
+
     def observe(self, payload: bytes) -> None:
         """A retained token on the fleet's attestation topics (ours or another instance's): remember revocations."""
         try:
@@ -237,7 +378,20 @@ class Bridge:
             return
 
 
-def webhook_server(bridge: Bridge, address: str, revocation_public_key: Any = None) -> ThreadingHTTPServer:
+def webhook_tls(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """The webhook's server TLS: the verifier checks it against its trusted_server_ca (``cv_ca/cacert.crt``) and,
+    with ``client_ca``, must present its own client certificate (``cv_ca/client-cert.crt``): then nobody else can
+    post a revocation."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(client_ca))
+    return context
+
+
+def webhook_server(bridge: Bridge, address: str, revocation_public_key: Any = None,
+                   tls: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
     host, _, port = address.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
@@ -263,11 +417,17 @@ def webhook_server(bridge: Bridge, address: str, revocation_public_key: Any = No
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("webhook: " + format, *args)
 
-    return ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server = ThreadingHTTPServer((host or "127.0.0.1", int(port)), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    return server
 
 
-def mqtt_client(config: BridgeConfig, bridge_ref: list[Bridge]) -> Any:
-    """A paho MQTT 5 client: the shared refresh subscription and the fleet's retained tokens."""
+def mqtt_client(config: BridgeConfig, bridge_ref: list[Bridge], work: Any = None) -> Any:
+    """A paho MQTT 5 client: the shared refresh and policy subscriptions and the fleet's retained tokens.
+
+    Policy requests wait on the verifier (seconds): they run on ``work`` (an executor), never on paho's thread.
+    """
     import paho.mqtt.client as mqtt
     from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -278,12 +438,15 @@ def mqtt_client(config: BridgeConfig, bridge_ref: list[Bridge]) -> Any:
 
     def on_connect(client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         client.subscribe([(refresh_filter(config.fleet, config.group), SubscribeOptions(qos=1)),
+                          (policy_filter(config.fleet, config.group), SubscribeOptions(qos=1)),
                           (f"donkey/{config.fleet}/+/attestation", SubscribeOptions(qos=1, noLocal=True))])
 
     def on_message(client: Any, userdata: Any, message: Any) -> None:
         parts = message.topic.split("/")
         if parts[-1] == "refresh" and len(parts) == 5:
             bridge_ref[0].refresh(parts[2])
+        elif parts[-1] == "policy" and len(parts) == 5 and work is not None:
+            work.submit(bridge_ref[0].handle_policy, parts[2], message.payload)
         elif parts[-1] == "attestation":
             bridge_ref[0].observe(message.payload)
 
@@ -311,7 +474,10 @@ def serve(config: BridgeConfig, stop: threading.Event) -> None:
     verifier = VerifierClient(config.verifier_url, ca=config.verifier_ca, cert=config.verifier_cert,
                               key=config.verifier_key, api_version=config.api_version)
     holder: list[Bridge] = []
-    client = mqtt_client(config, holder)
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = ThreadPoolExecutor(max_workers=4, thread_name_prefix="policy")
+    client = mqtt_client(config, holder, work)
     bridge = Bridge(config, key, verifier, make_publish(client))
     holder.append(bridge)
     client.loop_start()
@@ -322,7 +488,10 @@ def serve(config: BridgeConfig, stop: threading.Event) -> None:
             from cryptography import x509
 
             public_key = x509.load_pem_x509_certificate(config.revocation_cert.read_bytes()).public_key()
-        server = webhook_server(bridge, config.webhook, public_key)
+        tls = None
+        if config.webhook_cert is not None and config.webhook_key is not None:
+            tls = webhook_tls(config.webhook_cert, config.webhook_key, config.webhook_client_ca)
+        server = webhook_server(bridge, config.webhook, public_key, tls)
         threading.Thread(target=server.serve_forever, name="webhook", daemon=True).start()
     try:
         stop.wait(1.0)  # the retained tokens (revocations) arrive before the first round
@@ -333,6 +502,7 @@ def serve(config: BridgeConfig, stop: threading.Event) -> None:
         if server is not None:
             server.shutdown()
             server.server_close()
+        work.shutdown(wait=False, cancel_futures=True)
         client.loop_stop()
         client.disconnect()
 

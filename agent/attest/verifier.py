@@ -9,12 +9,16 @@ holding the admin client certificate is all the API needs. Responses are Keylime
 - ``GET /v{api}/agents/?bulk=1``: ``{uuid: status, ...}`` for every agent
   (``cloud_verifier_tornado.AgentsHandler.get``).
 - ``GET /v{api}/agents/``: ``{"uuids": [[uuid], ...]}`` (rows of one column).
+- ``GET/PUT/POST /v{api}/allowlists/{name}``: a named runtime policy (``AllowlistHandler``); PUT and POST take
+  ``{"runtime_policy": base64(JSON), "runtime_policy_key": ""}`` and answer 201; PUT of an unknown name is 404.
 
 ``map_status`` turns one status into a token status; the rules are in docs/attestation.md.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import ssl
 import urllib.error
@@ -22,6 +26,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent.errors import AgentError
 
@@ -97,20 +102,27 @@ class VerifierClient:
                 self.context.load_cert_chain(str(cert), str(key))
 
     def _get(self, path: str) -> tuple[int, dict[str, Any]]:
-        request = urllib.request.Request(f"{self.base}/{path}", headers={"Accept": "application/json"})
+        return self._request("GET", path)
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(f"{self.base}/{path}", data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.context) as response:
-                code, body = response.status, response.read()
+                code, body_bytes = response.status, response.read()
         except urllib.error.HTTPError as exc:
-            code, body = exc.code, exc.read()
+            code, body_bytes = exc.code, exc.read()
         except (urllib.error.URLError, OSError) as exc:
-            raise VerifierError(f"{self.base}/{path}: {getattr(exc, 'reason', exc)}") from None
+            raise VerifierError(f"{method} {self.base}/{path}: {getattr(exc, 'reason', exc)}") from None
         try:
-            envelope = json.loads(body) if body else {}
+            envelope = json.loads(body_bytes) if body_bytes else {}
         except ValueError:
-            raise VerifierError(f"{self.base}/{path}: HTTP {code}, not JSON") from None
+            raise VerifierError(f"{method} {self.base}/{path}: HTTP {code}, not JSON") from None
         if not isinstance(envelope, dict):
-            raise VerifierError(f"{self.base}/{path}: HTTP {code}, unexpected body")
+            raise VerifierError(f"{method} {self.base}/{path}: HTTP {code}, unexpected body")
         return code, envelope
 
     def agent(self, agent_uuid: str) -> dict[str, Any] | None:
@@ -129,3 +141,38 @@ class VerifierClient:
         if code != 200 or not isinstance(results, dict):
             raise VerifierError(f"GET agents/?bulk=1: HTTP {code} {envelope.get('status', '')}")
         return {uuid: status for uuid, status in results.items() if isinstance(status, dict)}
+
+    def runtime_policy(self, name: str) -> dict[str, Any] | None:
+        """The named runtime policy (``GET /allowlists/{name}``), or None when there is none by that name.
+
+        keylime 7.14.3 returns ``runtime_policy`` as the stored JSON text (its docs say base64; reference §8);
+        both are accepted.
+        """
+        code, envelope = self._get(f"allowlists/{quote(name, safe='')}")
+        if code == 404:
+            return None
+        results = envelope.get("results")
+        if code != 200 or not isinstance(results, dict):
+            raise VerifierError(f"GET allowlists/{name}: HTTP {code} {envelope.get('status', '')}")
+        text = results.get("runtime_policy")
+        if not text:
+            return None  # keylime stores the empty policy "{}" as null
+        try:
+            value = json.loads(text)
+        except ValueError:
+            try:
+                value = json.loads(base64.b64decode(text, validate=True))
+            except (ValueError, binascii.Error):
+                raise VerifierError(f"GET allowlists/{name}: runtime_policy is neither JSON nor base64 JSON") from None
+        if not isinstance(value, dict):
+            raise VerifierError(f"GET allowlists/{name}: runtime_policy is not a JSON object")
+        return value
+
+    def put_runtime_policy(self, name: str, runtime_policy: dict[str, Any], *, create: bool = False) -> None:
+        """Replace (``PUT``) or create (``POST``) the named runtime policy; the verifier validates its schema."""
+        encoded = base64.b64encode(json.dumps(runtime_policy).encode()).decode()
+        body = {"runtime_policy": encoded, "runtime_policy_key": ""}
+        method = "POST" if create else "PUT"
+        code, envelope = self._request(method, f"allowlists/{quote(name, safe='')}", body)
+        if code not in (200, 201):
+            raise VerifierError(f"{method} allowlists/{name}: HTTP {code} {envelope.get('status', '')}")
