@@ -139,6 +139,19 @@ def tub_info(path: Path) -> dict[str, object]:
     }
 
 
+def _store_has_model(config: object) -> bool:
+    """Whether the signed-model store holds a model the car can start with (active, or a first staged one)."""
+    from agent.bundle.errors import StoreError
+    from agent.bundle.stage import store_root
+    from agent.bundle.store import ModelStore
+
+    try:
+        store = ModelStore(store_root(config))  # type: ignore[arg-type]
+        return store.slot("active") is not None or store.slot("staged") is not None
+    except (StoreError, OSError):
+        return False
+
+
 def _run(args: argparse.Namespace) -> int:
     from agent.hw.donkeysim.client import SimError
     from agent.hw.errors import HardwareUnavailableError
@@ -178,9 +191,10 @@ def _run(args: argparse.Namespace) -> int:
         if config.attestation.require and config.telemetry.url is None:
             raise ConfigError(f"{config.source}: attestation.require: the fleet's tokens arrive over MQTT; set "
                               "telemetry.url (or --mqtt)")
-        if config.drive.mode in ("local", "local_angle") and config.autopilot.model is None:
+        if config.drive.mode in ("local", "local_angle") and config.autopilot.model is None \
+                and not _store_has_model(config):
             raise ConfigError(f"{config.source}: autopilot.model: mode {config.drive.mode!r} needs a model "
-                              "(--model PATH, or --mode user)")
+                              "(a signed bundle: donkey-agent model install; or --model PATH, or --mode user)")
     except ConfigError as exc:
         print(f"donkey-agent: invalid config:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -211,7 +211,8 @@ class Daemon:
                                                                        burst=20)),
                                        estop=core.stops.source("mqtt"),
                                        jobs=self.rollout.jobs if self.rollout else None,
-                                       on_attestation=self.attestation.on_token if self.attestation else None)
+                                       on_attestation=self.attestation.on_token if self.attestation else None,
+                                       state_fields=self._state_fields)
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(config, core, stack)
             notifier.status("starting: loading the model and warming up")
@@ -270,6 +271,11 @@ class Daemon:
             for action in store.recover():  # a crash in the middle of a slot change: finish or undo it first
                 log.warning("model store: %s", action)
             active = store.slot("active")
+            if active is None and store.slot("staged") is not None:
+                # The car's first model (installed before it ever drove, e.g. by Ansible): nothing drives yet,
+                # so it becomes active now, verified and smoke-tested as it was when it was staged.
+                active = store.promote()
+                log.info("model: the staged bundle is the car's first model: made active at start")
             if active is not None:
                 model = installed(active)
                 log.info("model: %s %s (sha256 %s, signed by %s), from the store", model.name, model.version,
@@ -397,6 +403,20 @@ class Daemon:
         if self.rollout is not None:
             status["rollout"] = self.rollout.status()
         return status
+
+    def _state_fields(self) -> dict[str, Any]:
+        """The retained state's changing part: the model that drives (and the store's slots), attestation."""
+        fields: dict[str, Any] = {}
+        if self.core is not None:
+            sha256 = self.core.status()["model"].get("sha256")
+            if sha256:
+                fields["model_sha256"] = sha256
+        if self.rollout is not None:
+            status = self.rollout.status()
+            fields["models"] = {key: status[key] for key in ("active", "previous", "pending", "phase")}
+        if self.attestation is not None:
+            fields["attestation"] = self.attestation.status()["state"]
+        return fields
 
     def _fleet_metrics(self) -> dict[str, float]:
         metrics: dict[str, float] = {}

@@ -33,9 +33,11 @@ BUFFER_EVENTS = 1000
 class FleetLink:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
-                 on_attestation: Callable[[bytes], None] | None = None) -> None:
+                 on_attestation: Callable[[bytes], None] | None = None,
+                 state_fields: Callable[[], dict[str, Any]] | None = None) -> None:
         self.config = config
         self.on_attestation = on_attestation
+        self.state_fields = state_fields
         self.identity = identity
         self.outbox_path = outbox_path
         self.lane = lane
@@ -88,7 +90,8 @@ class FleetLink:
             service: TelemetryService | None = None
             try:
                 service = TelemetryService(self.config, self.identity, outbox_path=self.outbox_path, lane=self.lane,
-                                           estop=self.estop, jobs=self.jobs, on_attestation=self.on_attestation)
+                                           estop=self.estop, jobs=self.jobs, on_attestation=self.on_attestation,
+                                           state_fields=self.state_fields)
                 while self._buffer:
                     service.record(self._buffer[0])
                     self._buffer.popleft()

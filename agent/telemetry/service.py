@@ -82,8 +82,13 @@ class Inbound:
 class TelemetryService:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
-                 on_attestation: Callable[[bytes], None] | None = None) -> None:
+                 on_attestation: Callable[[bytes], None] | None = None,
+                 state_fields: Callable[[], dict[str, Any]] | None = None) -> None:
         assert config.url is not None
+        # What the retained state says besides the identity and changes while running (the models, attestation):
+        # republished when it changes.
+        self.state_fields = state_fields
+        self._state_published: dict[str, Any] | None = None
         self.on_attestation = on_attestation  # tokens from the fleet's attestation bridge (on the loop)
         self.config = config
         self.topics = topics.Topics(config.fleet, config.car_id)
@@ -151,7 +156,7 @@ class TelemetryService:
             log.warning("broker refused the connection: %s", reason)
             return
         # The birth goes out first on every connect, so "online" always follows a will.
-        client.publish(self.topics.state, json.dumps(topics.birth(self.identity)), qos=1, retain=True)
+        client.publish(self.topics.state, json.dumps(self._birth()), qos=1, retain=True)
         client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
         if self.on_attestation is not None:
             client.subscribe(self.topics.attestation, qos=1)  # retained: the newest token arrives at once
@@ -185,6 +190,11 @@ class TelemetryService:
         if not self._drain_scheduled:
             self._drain_scheduled = True
             self._call(self._drain_inbound)
+
+    def _birth(self) -> dict[str, Any]:
+        fields = self.state_fields() if self.state_fields is not None else {}
+        self._state_published = fields
+        return topics.birth({**self.identity, **fields})
 
     def _publish_discovery(self) -> None:
         for topic, payload in homeassistant.discovery(self.topics, self.identity, self.config.homeassistant_prefix):
@@ -354,6 +364,8 @@ class TelemetryService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), period)
             if self.connected.is_set() and not stop.is_set():
+                if self.state_fields is not None and self.state_fields() != self._state_published:
+                    self.client.publish(self.topics.state, json.dumps(self._birth()), qos=1, retain=True)
                 self._seq += 1
                 payload = topics.telemetry(self._seq, status(), platform_health())
                 self.client.publish(self.topics.telemetry, json.dumps(payload), qos=0)
