@@ -56,6 +56,7 @@ EXIT_OK, EXIT_FAILED, EXIT_DATAERR, EXIT_UNAVAILABLE, EXIT_CONFIG = 0, 1, 65, 69
 READY_TIMEOUT = 45.0
 STOP_TIMEOUT = 5.0
 PERSIST_INTERVAL = 0.05
+POLICY_WAIT_S = 300.0  # attestation: how long a new model waits for the fleet to list it in its runtime policy
 LIVE_KEYS = {"drive.max_throttle", "logging.level"}  # what SIGHUP can change without a restart
 
 BuildHardware = Callable[[AgentConfig, ExitStack], tuple[Camera, Actuators]]
@@ -213,6 +214,7 @@ class Daemon:
                                        jobs=self.rollout.jobs if self.rollout else None,
                                        on_attestation=self.attestation.on_token if self.attestation else None,
                                        state_fields=self._state_fields)
+                self._attach_fleet_attestation(self.fleet)
             stack.callback(core.stop, STOP_TIMEOUT)
             led = attach_gpio(config, core, stack)
             notifier.status("starting: loading the model and warming up")
@@ -403,6 +405,32 @@ class Daemon:
         if self.rollout is not None:
             status["rollout"] = self.rollout.status()
         return status
+
+    def _attach_fleet_attestation(self, fleet: FleetLink) -> None:
+        """With attestation: token refreshes, and the policy sync (policy first, then the new model is opened)."""
+        if self.attestation is None:
+            return
+        from agent.attest.policy_sync import PolicySync
+
+        self.attestation.publish = fleet.publish
+        if self.rollout is None:
+            return
+        config = self.config.telemetry
+
+        def publish(topic: str, payload: bytes) -> None:
+            fleet.publish(topic, payload)  # not connected: dropped; wait_ready repeats the request
+
+        sync = PolicySync(fleet=config.fleet, car=config.car_id, uuid=self.attestation.uuid, publish=publish)
+        fleet.listeners[sync.ready_topic] = sync.on_ready
+
+        async def policy_ready(staged: Any) -> bool:
+            request = sync.request({str(staged.model_path.resolve()): [staged.sha256]})
+            try:
+                return await sync.wait_ready(request, POLICY_WAIT_S)
+            finally:
+                sync.forget(request)
+
+        self.rollout.policy_ready = policy_ready
 
     def _state_fields(self) -> dict[str, Any]:
         """The retained state's changing part: the model that drives (and the store's slots), attestation."""

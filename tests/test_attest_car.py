@@ -96,6 +96,7 @@ def test_no_token_no_autonomy_then_a_revocation_stops_the_car_on_the_wire(tmp_pa
     stranger, _ = fleet_key(tmp_path, "stranger")
     broker = mosquitto.Broker(tmp_path).start()
     events = broker.subscribe("donkey/lab/car1/events")
+    refreshes = broker.subscribe("donkey/lab/car1/attestation/refresh")
     log = ""
     with HostileSim() as sim:
         agent = start_agent(tmp_path, sim, broker, public)
@@ -125,7 +126,9 @@ def test_no_token_no_autonomy_then_a_revocation_stops_the_car_on_the_wire(tmp_pa
         finally:
             log = stop(agent)
     messages = [json.loads(p) for _, p in mosquitto.collect(events)]
+    asked = mosquitto.collect(refreshes)
     broker.stop()
+    assert len(asked) >= 1  # without a token the car asked the fleet's bridge for one
     kinds = [(m["kind"], m.get("detail", {})) for m in messages]
     assert any(k == "fault" and d.get("fault") == "attestation" and d.get("latched") for k, d in kinds), kinds
     states = [d.get("state") for k, d in kinds if k == "attestation"]

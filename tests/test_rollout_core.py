@@ -11,6 +11,7 @@ model on real frames in tests/test_drive_core.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,80 @@ def test_a_candidate_that_disagrees_in_shadow_is_rejected_and_never_drives(tmp_p
     assert "shadow trial failed" in rejected["detail"] and rejected["model_version"] == "3.0.0"
     assert store.slot("staged") is None and installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
     assert core.status()["model"].get("path") == str(MODEL)
+
+
+@pytest.mark.slow
+def test_with_attestation_the_new_model_is_not_opened_before_the_fleet_lists_it(tmp_path: Path) -> None:
+    """Policy first, then the measurement: the candidate's file is opened (loaded) only after the policy sync
+    confirms; a sync that never confirms rejects the update and leaves the active model driving."""
+    from agent.attest.policy_sync import PolicyReady, PolicySync
+
+    config, store, private = setup(tmp_path, shadow=False)
+    store.install(bundle(tmp_path, private, "1.0.0"))
+    store.promote()
+    rig = TwinRig()
+    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False)),
+                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
+    core.start()
+    assert core.wait_ready(20), core.error
+    rollout = make_rollout(config, store, core)
+    published: list[tuple[str, bytes]] = []
+    sync = PolicySync(fleet="lab", car="car1", uuid="0" * 8 + "-0000-0000-0000-" + "0" * 12,
+                      publish=lambda topic, payload: published.append((topic, payload)), retry_s=0.2)
+    opened: list[float] = []
+    load = rollout.load_pilot
+    rollout.load_pilot = lambda path, kind: (opened.append(time.monotonic()), load(path, kind))[1]
+    answer = {"confirm": True}
+
+    async def policy_ready(staged: Any) -> bool:
+        request = sync.request({str(staged.model_path): [staged.sha256]})
+        return await sync.wait_ready(request, 2.0)
+
+    rollout.policy_ready = policy_ready
+    seen: list[tuple[str, dict]] = []
+
+    async def fleet() -> None:  # the bridge's side: confirm each request, or stay silent
+        while True:
+            await asyncio.sleep(0.3)
+            for topic, payload in list(published):
+                request = json.loads(payload)
+                if answer["confirm"] and topic.endswith("/attestation/policy"):
+                    confirmed.append(time.monotonic())
+                    sync.on_ready(PolicyReady(request["request_id"], "car1", request["uuid"], True, "car1", 2,
+                                              {p: tuple(d) for p, d in request["digests"].items()}, "").encode())
+                published.remove((topic, payload))
+
+    confirmed: list[float] = []
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        rollout.start()
+        runner = asyncio.create_task(rollout.run(stop))
+        responder = asyncio.create_task(fleet())
+        try:
+            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))
+            rollout._staged(rollout._stage_from_slot(), None)
+            assert await until(lambda: rollout.phase == "waiting_for_stop", 10), rollout.status()
+            assert confirmed and opened and opened[0] > confirmed[0]  # opened only after the confirmation
+            rollout._discard("test: next case")
+            answer["confirm"] = False  # the fleet never lists the next one
+            opened.clear()
+            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "3.0.0")))
+            rollout._staged(rollout._stage_from_slot(), None)
+            assert rollout.pending is not None
+            assert await until(lambda: rollout.phase == "waiting_for_policy", 5), rollout.status()
+            assert await until(lambda: rollout.pending is None, 10), rollout.status()  # given up after 2 s
+            assert opened == []  # never opened
+        finally:
+            seen.extend(steps(rollout))
+            responder.cancel()
+            stop.set()
+            await runner
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        core.stop()
+        rig.close()
+    rejected = [d for name, d in seen if name == "rejected" and d.get("model_version") == "3.0.0"]
+    assert rejected and "did not confirm the runtime policy" in rejected[0]["detail"]

@@ -27,7 +27,8 @@ def now_ms() -> int:
 
 class AttestationClient:
     def __init__(self, config: AttestationConfig, *, fleet: str, car: str, clearance: Clearance,
-                 wall_ms: Callable[[], int] = now_ms, monotonic: Callable[[], float] = time.monotonic) -> None:
+                 wall_ms: Callable[[], int] = now_ms, monotonic: Callable[[], float] = time.monotonic,
+                 refresh_every_s: float = 10.0) -> None:
         try:
             uuid = config.agent_uuid or read_agent_settings().uuid
         except KeylimeConfigError as exc:
@@ -44,14 +45,27 @@ class AttestationClient:
         self.wall_ms = wall_ms
         self.monotonic = monotonic
         self._state = ""
+        # Without a valid token the car asks the fleet's bridge for a fresh one (any instance of the group takes
+        # it), at most this often: e.g. after the bridge restarted, or a token that expired with the car offline.
+        self.publish: Callable[[str, bytes], bool] | None = None
+        self.refresh_topic = f"donkey/{fleet}/{car}/attestation/refresh"
+        self.refresh_every_s = refresh_every_s
+        self._refreshed = -float("inf")
+        self.refreshes = 0
 
     def on_token(self, raw: bytes) -> None:
         """A message on the car's attestation topic (from the fleet link, on the loop)."""
         self._apply(self.gate.on_token(raw, self.wall_ms()))
 
     def tick(self) -> None:
-        """Time passes: a token's expiry (the core checks it too, on its own clock)."""
-        self._apply(self.gate.on_tick(self.wall_ms()))
+        """Time passes: a token's expiry (the core checks it too, on its own clock); ask for one if we have none."""
+        decision = self.gate.on_tick(self.wall_ms())
+        self._apply(decision)
+        now = self.monotonic()
+        due = not decision.may_drive and now - self._refreshed >= self.refresh_every_s
+        if due and self.publish is not None and self.publish(self.refresh_topic, b""):
+            self._refreshed = now
+            self.refreshes += 1
 
     def _apply(self, decision: GateDecision) -> None:
         claims = self.gate.claims

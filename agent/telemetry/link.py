@@ -34,8 +34,10 @@ class FleetLink:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
                  on_attestation: Callable[[bytes], None] | None = None,
-                 state_fields: Callable[[], dict[str, Any]] | None = None) -> None:
+                 state_fields: Callable[[], dict[str, Any]] | None = None,
+                 listeners: dict[str, Callable[[bytes], None]] | None = None) -> None:
         self.config = config
+        self.listeners = listeners if listeners is not None else {}  # may be filled in after construction
         self.on_attestation = on_attestation
         self.state_fields = state_fields
         self.identity = identity
@@ -75,6 +77,11 @@ class FleetLink:
         return {**base, "donkey_fleet_link_failures": self.failures, "donkey_fleet_events_lost": self.events_lost,
                 "donkey_fleet_events_buffered": len(self._buffer)}
 
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """To the fleet while connected (from the loop's thread); False when not: the caller retries."""
+        service = self.service
+        return service is not None and service.publish(topic, payload)
+
     @property
     def connected(self) -> bool:
         service = self.service
@@ -91,7 +98,7 @@ class FleetLink:
             try:
                 service = TelemetryService(self.config, self.identity, outbox_path=self.outbox_path, lane=self.lane,
                                            estop=self.estop, jobs=self.jobs, on_attestation=self.on_attestation,
-                                           state_fields=self.state_fields)
+                                           state_fields=self.state_fields, listeners=self.listeners)
                 while self._buffer:
                     service.record(self._buffer[0])
                     self._buffer.popleft()

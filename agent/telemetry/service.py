@@ -83,8 +83,10 @@ class TelemetryService:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
                  on_attestation: Callable[[bytes], None] | None = None,
-                 state_fields: Callable[[], dict[str, Any]] | None = None) -> None:
+                 state_fields: Callable[[], dict[str, Any]] | None = None,
+                 listeners: dict[str, Callable[[bytes], None]] | None = None) -> None:
         assert config.url is not None
+        self.listeners = dict(listeners or {})  # other fleet topics of this car -> a handler on the loop
         # What the retained state says besides the identity and changes while running (the models, attestation):
         # republished when it changes.
         self.state_fields = state_fields
@@ -160,6 +162,8 @@ class TelemetryService:
         client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
         if self.on_attestation is not None:
             client.subscribe(self.topics.attestation, qos=1)  # retained: the newest token arrives at once
+        for topic in self.listeners:
+            client.subscribe(topic, qos=1)
         if self.config.homeassistant:
             self._publish_discovery()
             client.subscribe(f"{self.config.homeassistant_prefix}/status", qos=1)
@@ -247,6 +251,13 @@ class TelemetryService:
         self._drain_scheduled = False
         while self._inbound:
             item = self._inbound.popleft()
+            handler = self.listeners.get(item.topic)
+            if handler is not None:
+                try:
+                    handler(item.payload)  # each handler validates its own payloads
+                except Exception:
+                    log.exception("a message on %s could not be processed", item.topic)
+                continue
             if item.topic == self.topics.attestation:
                 if self.on_attestation is not None:
                     try:
@@ -310,6 +321,12 @@ class TelemetryService:
             else:
                 continue
             del self._pending[command_id]
+
+    def publish(self, topic: str, payload: bytes) -> bool:
+        """A message to the fleet (QoS 1, not retained) while connected; False when not (the caller retries)."""
+        if self.closed or not self.connected.is_set():
+            return False
+        return self.client.publish(topic, payload, qos=1).rc == mqtt.MQTT_ERR_SUCCESS
 
     def record(self, event: Event) -> None:
         """A drive-core event into the durable outbox (on the asyncio loop); raises once closed."""
