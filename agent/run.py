@@ -299,8 +299,8 @@ class Daemon:
         def stage(source: str, **kwargs: Any) -> Any:  # in a child process: the daemon never imports sigstore
             return stage_in_child(config, source, **kwargs)
 
-        def load_pilot(path: Path, kind: str) -> Autopilot:
-            pilot = Autopilot(path, kind=kind, num_threads=config.autopilot.num_threads)
+        def load_pilot(path: Path, kind: str, threads: int | None = None) -> Autopilot:
+            pilot = Autopilot(path, kind=kind, num_threads=threads or config.autopilot.num_threads)
             imu = np.zeros(6) if pilot.kind == "imu" else None  # warmed here, off the drive thread
             pilot.run(np.full((*pilot.image_shape[:2], 3), 128, np.uint8), imu=imu)
             pilot.reset()

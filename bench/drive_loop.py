@@ -42,6 +42,7 @@ RESULTS = ROOT / "bench" / "results"
 MODEL = ROOT / "models" / "pilot.tflite"
 RATE_HZ = 20.0
 LOADS = ("none", "cpu-stress", "in-process", "realistic", "jitter")  # "mqtt-flood" is run by bench/mqtt_publish.py
+ROLLOUT_LOADS = ("shadow", "swaps")  # ours only: a shadow trial beside the loop; a model swapped in each second
 LOOPS = ("ours", "ours-camera", "ours-timer", "donkeycar")
 PACING = {"ours": "locked", "ours-camera": "camera", "ours-timer": "timer"}
 JITTER_MS = 5.0  # the "jitter" load: the relay delays each frame by 0-10 ms (a camera +-5 ms around its mean)
@@ -131,6 +132,8 @@ def summarise(actuations: list[float], frame_ages: list[float], seqs: list[int],
 
     def stats(values: Any) -> dict[str, float]:
         values = np.asarray(values, dtype=float)
+        if not len(values):  # e.g. no inference at all (user mode, the swap benchmark)
+            return {}
         return {"p50": round(float(np.percentile(values, 50)), 3), "p99": round(float(np.percentile(values, 99)), 3),
                 "max": round(float(values.max()), 3)}
 
@@ -181,12 +184,19 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
     config = DriveConfig(rate_hz=RATE_HZ, pacing=pacing, max_throttle=0.5,  # type: ignore[arg-type]
                          output_delay_ms=output_delay_ms(),
                          realtime=RealtimeConfig(priority=50, lock_memory=True))
+    if load == "swaps":  # stopped (user mode, no operator: neutral), so every swap is applied
+        config = config.model_copy(update={"mode": "user", "stopped_after_ms": 0.0})
     core = DriveCore(config, DriveParts(camera, actuators, lambda: Autopilot(MODEL), recorder))
+    rollout_work: dict[str, Any] = {}
     with Load(load) as running_load:
         core.start()
         if not core.wait_ready(60):
             raise SystemExit(f"our core did not start: {core.error}")
+        worker = start_rollout_work(load, core, rollout_work)
         time.sleep(seconds)
+        rollout_work["stop"] = True
+        if worker is not None:
+            worker.join(10)
         first_actuation = float(core.metrics.rows[0, INDEX["actuated"]])  # row 0: the first cycle
         core.stop()
     published = getattr(running_load, "published", None)
@@ -200,12 +210,69 @@ def run_ours(port: int, seconds: float, load: str, pacing: str) -> dict[str, Any
     if published is not None:
         result["published_per_s"] = round(published[0] / seconds, 1)  # sent on the socket (on_publish)
     result["frames_missed"] = core.metrics.frames_missed
+    result["rollout_work"] = {k: v for k, v in rollout_work.items() if k != "stop"}
     result["pacing"] = core.pacer.status()
     if recorder is not None:
         recorder.close()
         result["recorded"] = recorder.written
     link.close()
     return result
+
+
+def start_rollout_work(load: str, core: Any, record: dict[str, Any]) -> threading.Thread | None:
+    """The model rollout's work beside the loop (issue 11's benchmark): ``shadow``, a shadow trial of the same model
+    on its own thread and interpreter; ``swaps``, a new interpreter loaded, warmed and swapped in every second
+    (the car stopped: user mode, an operator holding neutral, so no fault and the outputs keep their slots)."""
+    from agent.core.commands import SwapPilot
+    from agent.core.shadow import ShadowTap
+    from agent.pilot import Autopilot
+    from agent.rollout.shadow import ShadowCriteria, ShadowTrial
+
+    if load == "shadow":
+        tap = ShadowTap()
+        candidate = Autopilot(MODEL, num_threads=1)  # as the rollout loads it: on the shadow thread, at nice 10
+        trial = ShadowTrial(tap, candidate, ShadowCriteria(min_frames=1), {"name": "candidate"})
+        trial.start()
+        core.shadow = tap
+
+        def watch() -> None:
+            while not record.get("stop"):
+                time.sleep(0.2)
+            core.shadow = None
+            trial.stop()
+            record.update(trial.summary())
+
+        thread = threading.Thread(target=watch, daemon=True)
+        thread.start()
+        return thread
+    if load == "swaps":
+        def operator() -> None:  # an operator holding the car at neutral: user mode without a heartbeat fault
+            while not record.get("stop"):
+                core.manual.set(0.0, 0.0)
+                time.sleep(0.05)
+
+        threading.Thread(target=operator, daemon=True).start()
+
+        def swap() -> None:
+            applied = refused = 0
+            while not record.get("stop"):
+                pilot = Autopilot(MODEL)
+                pilot.run(np.full((120, 160, 3), 128, np.uint8))
+                command = SwapPilot(pilot=pilot, label={"name": "candidate", "version": str(applied)})
+                core.submit(command)
+                deadline = time.monotonic() + 2
+                while command.outcome is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                applied, refused = (applied + 1, refused) if command.outcome and command.outcome.ok else (
+                    applied, refused + 1)
+                command.replaced = None  # released here, off the drive thread
+                time.sleep(1.0)
+            record.update(swaps_applied=applied, swaps_refused=refused)
+
+        thread = threading.Thread(target=swap, daemon=True)
+        thread.start()
+        return thread
+    return None
 
 
 # -- DonkeyCar's Vehicle loop ------------------------------------------------------------------------
@@ -458,7 +525,8 @@ def describe(loop: str, load: str, result: dict[str, Any]) -> str:
             f"no new frame {ext.get('controls_without_new_frame', '–')} | internal p99 {fig(inside, 'p99')}"
             + (" | held {held_outputs} late frames {late_frames} late outputs {late_outputs} offset "
                "{output_offset_ms} ms".format(**result["pacing"])
-               if "held_outputs" in result.get("pacing", {}) else ""))
+               if "held_outputs" in result.get("pacing", {}) else "")
+        + (f" | {result['rollout_work']}" if result.get("rollout_work") else ""))
 
 
 def main() -> None:
@@ -467,13 +535,14 @@ def main() -> None:
     parser.add_argument("--loads", default=",".join(LOADS), help="comma-separated, of " + ", ".join(LOADS))
     parser.add_argument("--loops", default=",".join(LOOPS), help="comma-separated, of " + ", ".join(LOOPS))
     parser.add_argument("--child", choices=list(LOOPS))
-    parser.add_argument("--load", choices=[*LOADS, "mqtt-flood"], default="none")
+    parser.add_argument("--load", choices=[*LOADS, *ROLLOUT_LOADS, "mqtt-flood"], default="none")
     parser.add_argument("--port", type=int)
     parser.add_argument("--rate", type=float, default=20.0, help="camera and control rate, Hz (default 20)")
+    parser.add_argument("--name", help="results file name under bench/results (default: drive_loop[_<rate>hz])")
     args = parser.parse_args()
     global RATE_HZ  # noqa: PLW0603 (one setting for the whole run, children included)
     RATE_HZ = args.rate
-    name = "drive_loop" if RATE_HZ == 20.0 else f"drive_loop_{RATE_HZ:g}hz"
+    name = args.name or ("drive_loop" if RATE_HZ == 20.0 else f"drive_loop_{RATE_HZ:g}hz")
     if args.child:
         if args.child == "donkeycar":
             result = run_donkeycar(args.port, args.seconds, args.load)

@@ -40,8 +40,8 @@ class Glitchy:
 
     glitch = False
 
-    def __init__(self, path: Path, kind: str) -> None:
-        self.inner = Autopilot(path, kind=kind)
+    def __init__(self, path: Path, kind: str, threads: int = 2) -> None:
+        self.inner = Autopilot(path, kind=kind, num_threads=threads)
         self.path, self.kind, self.image_shape = self.inner.path, self.inner.kind, self.inner.image_shape
 
     def __getattr__(self, name: str) -> Any:
@@ -79,8 +79,8 @@ def make_rollout(config: Any, store: ModelStore, core: DriveCore) -> Rollout:
     def stage(source: str, **kwargs: Any) -> Any:
         return stage_in_child(config, source, **kwargs)
 
-    def load(path: Path, kind: str) -> Any:
-        pilot = Glitchy(path, kind)
+    def load(path: Path, kind: str, threads: int = 2) -> Any:
+        pilot = Glitchy(path, kind, threads)
         pilot.run(np.full((120, 160, 3), 128, np.uint8))
         return pilot
 
@@ -224,7 +224,7 @@ def test_with_attestation_the_new_model_is_not_opened_before_the_fleet_lists_it(
                       publish=lambda topic, payload: published.append((topic, payload)), retry_s=0.2)
     opened: list[float] = []
     load = rollout.load_pilot
-    rollout.load_pilot = lambda path, kind: (opened.append(time.monotonic()), load(path, kind))[1]
+    rollout.load_pilot = lambda path, kind, *threads: (opened.append(time.monotonic()), load(path, kind, *threads))[1]
     answer = {"confirm": True}
 
     async def policy_ready(staged: Any) -> bool:

@@ -75,7 +75,7 @@ def label(model: StagedModel | InstalledModel) -> dict[str, Any]:
 
 class Rollout:
     def __init__(self, store: ModelStore, core: Any, lane: CommandLane, settings: RolloutSettings, *,  # core: DriveCore
-                 stage: Callable[..., Any], load_pilot: Callable[[Path, str], Any], inbox: Path | None = None,
+                 stage: Callable[..., Any], load_pilot: Callable[..., Any], inbox: Path | None = None,
                  policy_ready: Callable[[StagedModel], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
@@ -85,7 +85,7 @@ class Rollout:
         self.settings = settings
         # (source: path or URL, sha256=, size=, on_step=): into the staged slot, or raises; in a worker thread
         self.stage = stage
-        self.load_pilot = load_pilot  # (model path, kind) -> a warmed Autopilot, in a worker thread
+        self.load_pilot = load_pilot  # (model path, kind[, threads]) -> a warmed Autopilot, in a worker thread
         self.inbox = inbox
         self.policy_ready = policy_ready  # attestation: await the fleet's policy for a digest before opening it
         self.clock = clock
@@ -282,7 +282,9 @@ class Rollout:
         self._busy = None
         if self.settings.shadow:
             tap = ShadowTap()
-            shadow_pilot = await asyncio.to_thread(self.load_pilot, staged.model_path, staged.kind)
+            # One interpreter thread: it runs on the shadow thread itself (at nice 10), where a worker pool made
+            # here would run at the agent's priority and compete with the drive thread's own invoke.
+            shadow_pilot = await asyncio.to_thread(self.load_pilot, staged.model_path, staged.kind, 1)
             self.trial = ShadowTrial(tap, shadow_pilot, self.settings.shadow_criteria, label(staged))
             self.trial.start()
             self.core.shadow = tap
