@@ -279,3 +279,37 @@ def test_with_attestation_the_new_model_is_not_opened_before_the_fleet_lists_it(
         rig.close()
     rejected = [d for name, d in seen if name == "rejected" and d.get("model_version") == "3.0.0"]
     assert rejected and "did not confirm the runtime policy" in rejected[0]["detail"]
+
+
+@pytest.mark.slow
+def test_a_model_staged_before_the_start_is_resumed(tmp_path: Path) -> None:
+    """`donkey-agent model install` while the agent was stopped: the next start picks the staged model up (its
+    start runs in a worker thread, as the daemon runs it) and offers it once the car stops."""
+    config, store, private = setup(tmp_path, shadow=False)
+    store.install(bundle(tmp_path, private, "1.0.0"))
+    store.promote()
+    store.install(bundle(tmp_path, private, "2.0.0"))
+    rig = TwinRig()
+    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False), mode="user"),
+                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
+    core.start()
+    assert core.wait_ready(20), core.error
+    rollout = make_rollout(config, store, core)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        await asyncio.to_thread(rollout.start)
+        runner = asyncio.create_task(rollout.run(stop))
+        try:
+            assert await until(lambda: rollout.phase == "probation", 15), rollout.status()
+        finally:
+            stop.set()
+            await runner
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        core.stop()
+        rig.close()
+    names = [name for name, _ in steps(rollout)]
+    assert names[:2] == ["resumed", "activated"] and core.status()["model"]["version"] == "2.0.0"

@@ -154,12 +154,13 @@ class Rollout:
                 self.store.discard_staged()
             else:
                 self._event("resumed", label(model), detail="a staged model from before this start")
-                self.pending = _staged_from(model)
-                self._begin(self.pending)
+                self.pending = _staged_from(model)  # run() begins its trial (start() may run in a worker thread)
 
     # -- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
         next_inbox = 0.0
+        if self.pending is not None and self._busy is None and self.phase == "idle":
+            self._begin(self.pending)
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
