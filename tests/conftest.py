@@ -20,6 +20,16 @@ def own_state_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: p
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state")))
 
 
+@pytest.fixture(autouse=True)
+def loggers_enabled() -> None:
+    """Keylime's modules, imported in process by the attestation tests, configure logging with fileConfig, which
+    disables every logger that exists at that moment (the agent's among them): later tests that read the agent's
+    log would see nothing. Each test starts with every logger enabled again."""
+    for logger in logging.Logger.manager.loggerDict.values():
+        if isinstance(logger, logging.Logger):
+            logger.disabled = False
+
+
 def require_donkeycar(module: str):
     """Import a donkeycar module: required on Python 3.11, a reasoned skip where it cannot install."""
     import importlib
