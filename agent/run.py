@@ -307,7 +307,8 @@ class Daemon:
             return pilot
 
         return Rollout(store, core, core.lanes.add(CommandLane("models", capacity=4)), settings_from(config),
-                       stage=stage, load_pilot=load_pilot, inbox=inbox_directory(config))
+                       stage=stage, load_pilot=load_pilot, inbox=inbox_directory(config),
+                       frame_shape=(config.camera.height, config.camera.width))
 
     def _open_recorder(self, stack: ExitStack) -> TubRecorder | None:
         if self.record is None:

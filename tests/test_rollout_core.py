@@ -313,3 +313,27 @@ def test_a_model_staged_before_the_start_is_resumed(tmp_path: Path) -> None:
         rig.close()
     names = [name for name, _ in steps(rollout)]
     assert names[:2] == ["resumed", "activated"] and core.status()["model"]["version"] == "2.0.0"
+
+
+def test_a_model_for_another_camera_is_rejected_before_it_is_loaded(tmp_path: Path) -> None:
+    config, store, private = setup(tmp_path, shadow=False)
+    rollout = make_rollout(config, store, DriveCore(DriveConfig(), DriveParts(None, None)))  # type: ignore[arg-type]
+    rollout.frame_shape = (240, 320)  # this car's camera; the bundle's model takes 120x160
+    loaded: list[Path] = []
+    rollout.load_pilot = lambda path, kind, *threads: loaded.append(path)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        runner = asyncio.create_task(rollout.run(stop))
+        try:
+            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))
+            rollout._staged(rollout._stage_from_slot(), None)
+            assert await until(lambda: rollout.pending is None, 10), rollout.status()
+        finally:
+            stop.set()
+            await runner
+
+    asyncio.run(scenario())
+    rejected = dict(steps(rollout))["rejected"]
+    assert "takes 120x160 frames; this car's camera gives 240x320" in rejected["detail"] and loaded == []
+    assert store.slot("staged") is None

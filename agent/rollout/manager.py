@@ -77,6 +77,7 @@ class Rollout:
     def __init__(self, store: ModelStore, core: Any, lane: CommandLane, settings: RolloutSettings, *,  # core: DriveCore
                  stage: Callable[..., Any], load_pilot: Callable[..., Any], inbox: Path | None = None,
                  policy_ready: Callable[[StagedModel], Any] | None = None,
+                 frame_shape: tuple[int, int] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
         self.core = core
@@ -88,6 +89,7 @@ class Rollout:
         self.load_pilot = load_pilot  # (model path, kind[, threads]) -> a warmed Autopilot, in a worker thread
         self.inbox = inbox
         self.policy_ready = policy_ready  # attestation: await the fleet's policy for a digest before opening it
+        self.frame_shape = frame_shape  # (height, width) of this car's camera frames
         self.clock = clock
         self.events = EventQueue(256)
         self.phase = "idle"
@@ -270,6 +272,12 @@ class Rollout:
     async def _load(self, staged: StagedModel) -> None:
         """Load (and warm) the candidate off the drive thread, after the fleet's policy lists it (attestation)."""
         self._set_phase("loading", f"{staged.name} {staged.version}")
+        shape = tuple(staged.manifest.input_shape[:2])
+        if self.frame_shape is not None and shape != self.frame_shape:
+            self._busy = None
+            self._discard(f"the model takes {shape[0]}x{shape[1]} frames; this car's camera gives "
+                          f"{self.frame_shape[0]}x{self.frame_shape[1]}")
+            return
         try:
             if self.policy_ready is not None:
                 self._set_phase("waiting_for_policy", f"the fleet's runtime policy must list {staged.sha256[:12]}")
