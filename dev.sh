@@ -5,6 +5,7 @@
 #   ./dev.sh test   install what the tests need (Debian packages too, when run as root) and run them all
 #   ./dev.sh bench  run the benchmarks under bench/
 #   ./dev.sh lint   ruff and mypy only
+#   ./dev.sh provision [ansible-playbook args]   provision the cars of an inventory (ansible/site.yml)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -112,8 +113,15 @@ pack_trained_model() {
     fi
 }
 
+# The Ansible collections the playbook and ansible-lint need, from the PyPI `ansible` wheel (Galaxy is not
+# reachable from CI), into ansible/collections/ (not committed).
+vendor_collections() {
+    PIP="$(cd "$VENV" && pwd)/bin/python -m pip" ansible/vendor-collections.sh
+}
+
 run_tests() {
     ensure_env "dev" "${TEST_DEBS[@]}"
+    vendor_collections
     say "lint"
     lint
     say "tests"
@@ -126,5 +134,7 @@ case "${1:-}" in
     train-model) train_model ;;
     bench) ensure_env "dev" "${TEST_DEBS[@]}"; run_benchmarks ;;
     lint) ensure_env "dev" "${TEST_DEBS[@]}"; lint ;;
-    *) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    provision) shift; ensure_env "ansible" "${DEMO_DEBS[@]}"; vendor_collections
+               playbook="$(cd "$VENV" && pwd)/bin/ansible-playbook"; cd ansible && exec "$playbook" site.yml "$@" ;;
+    *) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -10,6 +10,7 @@ every wheel it installs is built or downloaded on the host first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -19,7 +20,9 @@ import time
 from pathlib import Path
 
 CACHE = Path(os.environ.get("DONKEY_TEST_CACHE", "/var/cache/donkey-agent-tests"))
-PACKAGES = "python3,python3-venv,systemd,systemd-sysv,dbus,procps,passwd"
+# python3-apt and kmod: what the Ansible role needs on a Debian target (apt facts and packages, modprobe), as on
+# Raspberry Pi OS; the container has the host's network but the tests install nothing from Debian into it.
+PACKAGES = "python3,python3-venv,python3-apt,kmod,systemd,systemd-sysv,dbus,procps,passwd"
 # The package list is part of the name, so a changed list never reuses a stale root.
 ROOT_TAR = CACHE / f"bookworm-root-{hashlib.sha256(PACKAGES.encode()).hexdigest()[:12]}.tar"
 MIRROR = "http://deb.debian.org/debian"
@@ -52,6 +55,7 @@ def ensure_root_tarball() -> Path:
     return ROOT_TAR
 
 
+@functools.cache  # once per test session: the systemd and the provisioning tests share them
 def build_wheels() -> Path:
     """The agent's wheel and every dependency's, extras included, for an offline install in the container."""
     wheels = CACHE / "wheels"

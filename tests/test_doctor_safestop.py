@@ -120,3 +120,21 @@ car_id = "car1"\nfleet = "lab"\n[attestation]\nrequire = true\ntrusted_keys = ["
         assert "FAIL  attestation: fleet token" in out and "revoked" in out
     finally:
         broker.stop()
+
+
+def test_doctor_checks_the_stores_signed_model_not_a_file_name(tmp_path: Path) -> None:
+    from agent.bundle.signing import sign_with_key
+    from agent.bundle.store import ModelStore
+    from tests.bundles import make_bundle, make_key
+
+    private, _ = make_key(tmp_path, "fleet")
+    bundle = make_bundle(tmp_path / "bundle", version="7.1.0")
+    sign_with_key(bundle, private)
+    store = ModelStore(tmp_path / "store")
+    store.install(bundle)
+    store.promote()
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[models]\nstore = "{tmp_path / "store"}"\n[twin]\nport = 9\n')
+    out = doctor(config).stdout
+    line = next(line for line in out.splitlines() if "autopilot model" in line)
+    assert line.startswith("PASS") and "pilot 7.1.0 (signed bundle, active): linear model loads" in line

@@ -67,8 +67,28 @@ def _simulator(config: AgentConfig) -> Check:
                      "start it: donkey-sim --track generated_track")
 
 
+def _store_model(config: AgentConfig) -> tuple[Path | None, str]:
+    """The store's active bundle (or a first staged one), as the agent will start with it: (model path, what)."""
+    from agent.bundle.errors import StoreError
+    from agent.bundle.stage import installed, store_root
+    from agent.bundle.store import ModelStore
+
+    try:
+        store = ModelStore(store_root(config))
+        slot = store.slot("active") or store.slot("staged")
+        if slot is None:
+            return None, ""
+        model = installed(slot)
+    except (StoreError, OSError, ValueError) as exc:
+        return None, f"the model store is unreadable: {exc}"
+    return model.model_path, f"{model.name} {model.version} (signed bundle, {slot.name})"
+
+
 def _model(config: AgentConfig) -> Check:
-    path = config.autopilot.model
+    path, what = _store_model(config)
+    if path is None and what:
+        return Check("autopilot model", FAIL, what, "donkey-agent model list; reinstall the bundle")
+    path = path or config.autopilot.model
     if path is None:
         if config.drive.mode == "user":
             return Check("autopilot model", PASS, "none configured (user mode)")
@@ -87,7 +107,8 @@ def _model(config: AgentConfig) -> Check:
     budget = config.drive.inference_budget_ms
     result = PASS if invoke["p99"] < budget else WARN
     return Check("autopilot model", result,
-                 f"{report['kind']} model loads in {load_s:.1f} s; invoke p50 {invoke['p50']:.1f} ms, "
+                 f"{what + ': ' if what else ''}{report['kind']} model loads in {load_s:.1f} s; invoke p50 "
+                 f"{invoke['p50']:.1f} ms, "
                  f"p99 {invoke['p99']:.1f} ms (budget {budget:.0f} ms)",
                  "" if result == PASS else "a smaller model, or more autopilot.num_threads")
 
@@ -183,11 +204,18 @@ def _fleet_token(config: AgentConfig, wait_s: float = 3.0) -> Check:
 
 def _safety_state(config: AgentConfig) -> Check:
     """Latched faults kept across restarts: the car will start held until they are cleared."""
-    from agent.service.control import find_state
+    from agent.service.control import _agent_pid, find_state
     from agent.service.state import restored_faults
 
     state = find_state(config)
     saved = state.load()
+    running = _agent_pid(state)
+    if running is not None and not saved.problem:
+        # A running agent's own record says "running, driving": that is its live state, not a crash.
+        latched = sorted(saved.latched)
+        return Check("safety state", WARN if latched else PASS,
+                     f"the agent is running (pid {running})" + (f"; latched: {', '.join(latched)}" if latched else ""),
+                     "clear_fault over MQTT once the cause is fixed" if latched else "")
     if saved.problem:
         return Check("safety state", FAIL, f"{saved.problem}: the agent will start held",
                      f"inspect it, then `donkey-agent faults clear` (or remove {state.path})")
