@@ -57,21 +57,46 @@ demo() {
     ensure_env "" "${DEMO_DEBS[@]}"
     local port=${DEMO_PORT:-9091} seconds=${DEMO_SECONDS:-65}
     mkdir -p out
+    # The demo's car keeps its safety state (latched faults, how the last run ended) and its model store in
+    # out/demo-state, fresh each time: a demo interrupted the hard way must not hold the next one at neutral.
+    rm -rf out/demo-state out/demo-bundle out/demo-keys
+    export XDG_STATE_HOME="$PWD/out/demo-state"
+    demo_signed_model
     say "starting the twin on 127.0.0.1:$port (generated_track)"
     "$VENV/bin/donkey-sim" serve --port "$port" --track generated_track --summary out/demo-summary.json &
     local twin=$!
     trap 'kill -TERM $twin 2>/dev/null || true' EXIT
-    say "donkey-agent drives for ${seconds}s with the shipped autopilot (models/pilot.tflite); Ctrl-C stops it safely"
-    # The demo's car keeps its safety state (latched faults, how the last run ended) in out/demo-state, fresh
-    # each time: a demo interrupted the hard way must not hold the next one at neutral. A real car keeps its own.
-    rm -rf out/demo-state
-    XDG_STATE_HOME="$PWD/out/demo-state" "$VENV/bin/donkey-agent" run --sim "127.0.0.1:$port" --model models/pilot.tflite --duration "$seconds" \
+    say "donkey-agent drives for ${seconds}s with the shipped autopilot, as a signed bundle; Ctrl-C stops it safely"
+    "$VENV/bin/donkey-agent" run --config out/demo-agent.toml --sim "127.0.0.1:$port" --duration "$seconds" \
         --record out/demo-tub
     kill -TERM "$twin"
     wait "$twin" || true
     trap - EXIT
     say "twin summary (out/demo-summary.json):"
     cat out/demo-summary.json
+}
+
+# The shipped autopilot the way a fleet delivers it: packed as a bundle, signed with a throw-away key made here
+# (a real fleet's key never leaves its build machine), verified and staged into the demo car's store, whose trust
+# store holds the public half. The car then starts with it as its first, signed model (docs/models.md).
+demo_signed_model() {
+    say "packing and signing models/pilot.tflite with a throw-away key (out/demo-keys), installing it"
+    mkdir -p out/demo-keys/trust
+    "$VENV/bin/python" - <<'PY'
+from pathlib import Path
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+key = ec.generate_private_key(ec.SECP256R1())
+Path("out/demo-keys/demo.key").write_bytes(key.private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+Path("out/demo-keys/trust/demo.pem").write_bytes(key.public_key().public_bytes(
+    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+PY
+    printf '[models]\ntrust_dir = "%s/out/demo-keys/trust"\n' "$PWD" > out/demo-agent.toml
+    "$VENV/bin/donkey-agent" model pack out/demo-bundle --model models/pilot.tflite --name pilot \
+        --version "demo-$(date -u +%Y%m%d%H%M)" >/dev/null
+    "$VENV/bin/donkey-agent" model sign out/demo-bundle --key out/demo-keys/demo.key >/dev/null
+    "$VENV/bin/donkey-agent" model install out/demo-bundle --config out/demo-agent.toml | grep '^staged:'
 }
 
 lint() {
