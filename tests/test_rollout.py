@@ -157,3 +157,4 @@ def test_probation_limits_allow_some_faults_when_configured() -> None:
     assert probation.verdict(3.0)[0] == "watching"
     probation.observe(fault("inference_overrun", 4.0))
     assert probation.verdict(4.0)[0] == "rollback"
+

@@ -55,6 +55,9 @@ class ShadowTrial:
         self._steering_max = self._throttle_max = 0.0
         self._candidate_ms: deque[float] = deque(maxlen=2000)
         self._active_ms: deque[float] = deque(maxlen=2000)
+        # summary() runs on other threads (telemetry): it takes one consistent snapshot of the sums and the records
+        # under this lock (never the drive thread's concern: it only offers frames).
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shadow-trial", daemon=True)
         self.started = 0.0
@@ -93,29 +96,33 @@ class ShadowTrial:
                 self.failures += 1
                 self.last_failure = f"{type(exc).__name__}: {exc}"[:200]
                 continue
-            self.frames += 1
             steering_error, throttle_error = abs(angle - offer.angle), abs(throttle - offer.throttle)
-            self._steering_sum += steering_error
-            self._throttle_sum += throttle_error
-            self._steering_max = max(self._steering_max, steering_error)
-            self._throttle_max = max(self._throttle_max, throttle_error)
-            self._candidate_ms.append(invoke_ms)
-            self._active_ms.append(offer.invoke_s * 1e3)
+            with self._lock:
+                self.frames += 1
+                self._steering_sum += steering_error
+                self._throttle_sum += throttle_error
+                self._steering_max = max(self._steering_max, steering_error)
+                self._throttle_max = max(self._throttle_max, throttle_error)
+                self._candidate_ms.append(invoke_ms)
+                self._active_ms.append(offer.invoke_s * 1e3)
 
     def summary(self) -> dict[str, Any]:
         """Agreement and timing so far (a copy; safe from any thread)."""
-        n = max(self.frames, 1)
-        candidate, active = list(self._candidate_ms), list(self._active_ms)
+        with self._lock:
+            n = max(self.frames, 1)
+            candidate, active = list(self._candidate_ms), list(self._active_ms)
+            sums = (self._steering_sum, self._throttle_sum, self._steering_max, self._throttle_max, self.frames)
+        steering_sum, throttle_sum, steering_max, throttle_max, frames = sums
 
         def p(values: list[float], q: float) -> float | None:
             return round(float(np.percentile(values, q)), 3) if values else None
 
-        return {"model": self.label, "frames": self.frames, "skipped": self.skipped, "failures": self.failures,
+        return {"model": self.label, "frames": frames, "skipped": self.skipped, "failures": self.failures,
                 "last_failure": self.last_failure, "seconds": round(time.monotonic() - self.started, 1),
-                "steering_error_mean": round(self._steering_sum / n, 4),
-                "steering_error_max": round(self._steering_max, 4),
-                "throttle_error_mean": round(self._throttle_sum / n, 4),
-                "throttle_error_max": round(self._throttle_max, 4),
+                "steering_error_mean": round(steering_sum / n, 4),
+                "steering_error_max": round(steering_max, 4),
+                "throttle_error_mean": round(throttle_sum / n, 4),
+                "throttle_error_max": round(throttle_max, 4),
                 "candidate_invoke_ms": {"p50": p(candidate, 50), "p99": p(candidate, 99)},
                 "active_invoke_ms": {"p50": p(active, 50), "p99": p(active, 99)}}
 
