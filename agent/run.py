@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from agent.core.commands import CommandLane, SetMaxThrottle
 from agent.core.control import MODES, NEEDS_PILOT
 from agent.core.drive import RECORD_INPUTS, RECORD_TYPES, DriveCore, DriveParts
 from agent.core.handoff import Clearance
+from agent.errors import AgentError
 from agent.hw.errors import HardwareUnavailableError
 from agent.hw.factory import build_hardware
 from agent.hw.gpio import EStopButton, StatusLed
@@ -268,26 +270,41 @@ class Daemon:
         configured file, which is unsigned: said loudly, it is for development."""
         autopilot = self.config.autopilot
         if store is not None:
-            from agent.bundle.stage import installed
-
-            for action in store.recover():  # a crash in the middle of a slot change: finish or undo it first
-                log.warning("model store: %s", action)
-            active = store.slot("active")
-            if active is None and store.slot("staged") is not None:
-                # The car's first model (installed before it ever drove, e.g. by Ansible): nothing drives yet,
-                # so it becomes active now, verified and smoke-tested as it was when it was staged.
-                active = store.promote()
-                log.info("model: the staged bundle is the car's first model: made active at start")
-            if active is not None:
-                model = installed(active)
-                log.info("model: %s %s (sha256 %s, signed by %s), from the store", model.name, model.version,
-                         model.sha256[:12], model.signer_key_id or "nobody: models.require_signed is off")
-                return model.model_path, model.kind, {"name": model.name, "version": model.version,
-                                                      "sha256": model.sha256, "bundle_id": model.bundle_id}
+            try:
+                found = self._store_model(store)
+            except (AgentError, OSError, ValueError) as exc:  # a damaged store: said, and never a traceback
+                log.error("model store %s: %s; starting without its model", store.root, exc)
+                found = None
+            if found is not None:
+                return found
         if autopilot.model is not None:
             log.warning("model: %s is an UNSIGNED model file (development only): a car in the fleet runs signed "
                         "bundles (donkey-agent model install; docs/models.md)", autopilot.model)
         return autopilot.model, autopilot.kind, None
+
+    @staticmethod
+    def _store_model(store: ModelStore) -> tuple[Path, str, dict[str, Any]] | None:
+        from agent.bundle.stage import installed
+
+        for action in store.recover():  # a crash in the middle of a slot change: finish or undo it first
+            log.warning("model store: %s", action)
+        active = store.slot("active")
+        if active is None and store.slot("staged") is not None:
+            # The car's first model (installed before it ever drove, e.g. by Ansible): nothing drives yet,
+            # so it becomes active now, verified and smoke-tested as it was when it was staged.
+            active = store.promote()
+            log.info("model: the staged bundle is the car's first model: made active at start")
+        if active is None:
+            return None
+        model = installed(active)
+        digest = hashlib.sha256(model.model_path.read_bytes()).hexdigest()
+        if digest != model.sha256:  # changed on disk since it was verified: never run it
+            raise ValueError(f"{model.model_path}: sha256 {digest[:12]} is not the {model.sha256[:12]} it was "
+                             "verified with")
+        log.info("model: %s %s (sha256 %s, signed by %s), from the store", model.name, model.version,
+                 model.sha256[:12], model.signer_key_id or "nobody: models.require_signed is off")
+        return model.model_path, model.kind, {"name": model.name, "version": model.version, "sha256": model.sha256,
+                                              "bundle_id": model.bundle_id}
 
     def _make_rollout(self, store: ModelStore, core: DriveCore) -> Rollout:
         from agent.bundle.stage import inbox_directory
@@ -351,8 +368,12 @@ class Daemon:
                 tasks.create_task(self._attestation_ticks(self.attestation), name="attestation")
             if self.rollout is not None:
                 rollout = self.rollout
-                await asyncio.to_thread(rollout.start)
-                tasks.create_task(contained(rollout.run(self.stop), "the model rollout"), name="rollout")
+                try:
+                    await asyncio.to_thread(rollout.start)
+                except Exception:  # optional, like the fleet link: the car drives on without model updates
+                    log.exception("the model store could not be opened; model updates are off until a restart")
+                else:
+                    tasks.create_task(contained(rollout.run(self.stop), "the model rollout"), name="rollout")
             if self.fleet is not None:
                 tasks.create_task(contained(self.fleet.run(fleet_stop, self._telemetry_status), "the fleet link"),
                                   name="fleet-link")

@@ -337,3 +337,33 @@ def test_a_model_for_another_camera_is_rejected_before_it_is_loaded(tmp_path: Pa
     rejected = dict(steps(rollout))["rejected"]
     assert "takes 120x160 frames; this car's camera gives 240x320" in rejected["detail"] and loaded == []
     assert store.slot("staged") is None
+
+
+def test_an_active_model_changed_on_disk_is_never_run(tmp_path: Path) -> None:
+    """The store's model file is checked against the digest it was verified with at every start."""
+    import subprocess
+    import sys
+
+    from tests.test_cli import start_twin
+
+    _, store, private = setup(tmp_path, shadow=False)
+    store.install(bundle(tmp_path, private, "1.0.0"))
+    active = store.promote()
+    model = active.path / "pilot.tflite"
+    model.chmod(0o644)
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte in a weight
+    model.write_bytes(bytes(data))
+    agent_toml = tmp_path / "agent.toml"
+    agent_toml.write_text(f'[models]\nstore = "{tmp_path / "store"}"\ntrust_dir = "{tmp_path / "trust"}"\n'
+                          '[drive.realtime]\npriority = 0\n')
+    twin, port = start_twin("--track", "generated_track")
+    try:
+        run = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(agent_toml), "--sim",
+                              f"127.0.0.1:{port}", "--duration", "3"], capture_output=True, text=True, timeout=60,
+                             check=False)
+    finally:
+        twin.terminate()
+        twin.wait(10)
+    assert run.returncode != 0
+    assert "is not the" in run.stderr and "it was verified with" in run.stderr and "needs an autopilot" in run.stderr
