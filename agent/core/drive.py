@@ -10,11 +10,14 @@ Each cycle is three steps, as in openpilot's controlsd:
 3. **publish**: write the actuators, a row of the preallocated metrics ring, an immutable
    ``DriveStatus`` snapshot for every other thread, and the record for the tub.
 
-Nothing in the loop logs, awaits, or waits on the network or a disk. Pacing: ``camera`` runs a
-cycle per frame (waking early enough to catch a frame that goes stale, and once a period while
-stale); ``timer`` runs on absolute deadlines and takes the newest unused frame. Either way a
-cycle starts at most once per period while frames are missing, and never twice within half a
-period, so a dead or hostile camera cannot make the thread spin.
+Nothing in the loop logs, awaits, or waits on the network or a disk. Pacing (agent/core/pacing.py):
+``locked`` (the default) has one output slot per frame the camera's clock predicts and writes
+each on time; ``camera`` runs a cycle per frame (waking early enough to catch a frame that goes
+stale, and once a period while stale); ``timer`` runs on absolute deadlines and takes the newest
+unused frame. Whichever, a cycle starts at most once per period while frames are missing, so a
+dead or hostile camera cannot make the thread spin. Between two cycles the core may take a new
+model (``SwapPilot``, only while the car is stopped) and offers each decided frame to a shadow
+trial (``ShadowTap``), neither of which it ever waits on.
 """
 
 from __future__ import annotations
