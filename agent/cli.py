@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from agent import __version__
-from agent.config import DEFAULT_PATH, ConfigError, load
+from agent.config import DEFAULT_PATH, ConfigError, config_path, load
 from agent.core.control import MODES
 
 
@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.service.logs import configure_logging
 
     configure_logging(args.verbose)
-    path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+    path = config_path(args.config)
     try:
         config = load(path)
         overrides: dict[str, object] = {}
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         return _run(args)
     if args.command in ("safe-stop", "doctor"):
-        path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+        path = config_path(args.config)
         if args.command == "doctor":
             from agent.service.doctor import FAIL, format_table, run_checks
 
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("estop", "faults"):
         from agent.service.control import estop, faults
 
-        path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+        path = config_path(args.config)
         try:
             config = load(path)
         except ConfigError as exc:

@@ -19,6 +19,11 @@ from agent.errors import AgentError
 
 DEFAULT_PATH = Path("/etc/donkey-agent/agent.toml")
 
+
+def config_path(explicit: Path | None) -> Path | None:
+    """The config file a command reads: the one named (``--config``), else the car's if it exists, else none."""
+    return explicit if explicit else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+
 Mode = Literal["user", "local_angle", "local"]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Pulse = Annotated[int, Field(ge=0, le=4095)]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from agent.config import DEFAULT_PATH, ConfigError, load
+from agent.config import DEFAULT_PATH, ConfigError, config_path, load
 
 
 def add_parser(commands: Any) -> None:
@@ -33,7 +33,7 @@ def add_parser(commands: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    path = args.config if args.config else (DEFAULT_PATH if DEFAULT_PATH.exists() else None)
+    path = config_path(args.config)
     try:
         config = load(path)
     except ConfigError as exc:

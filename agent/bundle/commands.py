@@ -32,7 +32,7 @@ from agent.bundle.manifest import (
     read_manifest,
     release,
 )
-from agent.config import DEFAULT_PATH, AgentConfig, ConfigError, load
+from agent.config import AgentConfig, ConfigError, config_path, load
 
 EXIT_REFUSED = 1
 EXIT_MODEL = 65
@@ -40,7 +40,7 @@ EXIT_CONFIG = 78
 
 
 def _config(path: Path | None) -> AgentConfig:
-    return load(path if path else (DEFAULT_PATH if DEFAULT_PATH.exists() else None))
+    return load(config_path(path))
 
 
 def _fail(command: str, message: str, code: int = EXIT_REFUSED) -> int:

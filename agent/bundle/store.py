@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.bundle.errors import StoreError
+from agent.durable import fsync_path
 
 SLOTS = ("active", "previous", "staged")
 # Where a test may stop the process (SIGKILL) to prove each step leaves old-or-new, never partial.
@@ -62,12 +63,7 @@ class Slot:
     installed: float  # when the bundle directory was created (its mtime), seconds since the epoch
 
 
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+fsync_directory = fsync_path  # a directory's entries (renames, new links) made durable
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -192,8 +188,7 @@ class ModelStore:
                 if not path.is_file() or path.is_symlink():
                     raise StoreError(f"{path}: a bundle holds only regular files")
                 path.chmod(0o444)  # bundles never change once installed
-                with path.open("rb") as handle:
-                    os.fsync(handle.fileno())
+                fsync_path(path)
             fsync_directory(workspace)
             self._checkpoint("install.synced")
             self.bundles.mkdir(exist_ok=True)

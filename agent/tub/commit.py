@@ -34,6 +34,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agent.durable import fsync_path as _fsync_path  # the name the tub code (and its tests) use
 from agent.tub.layout import IMAGES_DIR, MANIFEST, Catalog
 from agent.tub.records import EncodedImage
 from agent.tub.recovery import cut_catalog
@@ -84,15 +85,6 @@ def _atomic_write(path: Path, data: bytes, *, sync: bool) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-
-
-def _fsync_path(path: Path) -> None:
-    """Make a file's (or directory's) current contents durable; needs no free space."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- one record --------------------------------------------------------------------------------------
