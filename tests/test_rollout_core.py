@@ -11,8 +11,10 @@ model on real frames in tests/test_drive_core.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,55 +111,78 @@ async def until(predicate: Any, timeout: float) -> bool:
     return bool(predicate())
 
 
+@contextlib.contextmanager
+def driving(make_pilot: Any = lambda: Autopilot(MODEL), label: dict | None = None, **drive: Any) -> Iterator[DriveCore]:
+    """The drive core on the twin rig, ready; stopped and closed afterwards."""
+    rig = TwinRig()
+    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False), **drive),
+                     DriveParts(rig, rig, make_pilot, model_label=label))
+    core.start()
+    try:
+        assert core.wait_ready(20), core.error
+        yield core
+    finally:
+        core.stop()
+        rig.close()
+
+
+def run(rollout: Rollout, body: Any, *beside: Any) -> list[tuple[str, dict]]:
+    """Start the rollout as the daemon does (start in a worker thread, then run), play ``body`` with the
+    ``beside`` coroutines (given the stop event) running too, stop; the model events it emitted."""
+    seen: list[tuple[str, dict]] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        await asyncio.to_thread(rollout.start)
+        tasks = [asyncio.create_task(rollout.run(stop)), *(asyncio.create_task(job(stop)) for job in beside)]
+        try:
+            await body()
+        finally:
+            seen.extend(steps(rollout))
+            stop.set()
+            await asyncio.wait(tasks, timeout=10)
+
+    asyncio.run(main())
+    return seen
+
+
+async def stage(rollout: Rollout, tmp_path: Path, private: Path, version: str, model: Path = MODEL) -> None:
+    """A signed bundle staged (in the staging child) and handed to the rollout, as after an inbox drop."""
+    await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, version, model)))
+    rollout._staged(rollout._stage_from_slot(), None)
+
+
 @pytest.mark.slow
 def test_shadow_then_activation_only_when_stopped_then_an_automatic_rollback(tmp_path: Path) -> None:
     config, store, private = setup(tmp_path, shadow=True)
     store.install(bundle(tmp_path, private, "1.0.0"))  # the car's first model, as Ansible would leave it
     store.promote()
     first = installed(store.slot("active"))  # type: ignore[arg-type]
-    rig = TwinRig()
-    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False), stopped_after_ms=300),
-                     DriveParts(rig, rig, lambda: Autopilot(first.model_path), model_label={"name": "pilot",
-                                                                                             "version": "1.0.0"}))
-    core.start()
-    assert core.wait_ready(20), core.error
-    rollout = make_rollout(config, store, core)
-    seen: list[tuple[str, dict]] = []
+    with driving(lambda: Autopilot(first.model_path), {"name": "pilot", "version": "1.0.0"},
+                 stopped_after_ms=300) as core:
+        rollout = make_rollout(config, store, core)
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        rollout.start()
-        runner = asyncio.create_task(rollout.run(stop))
-        forwarder = asyncio.create_task(forward_events(core, rollout, stop))
-        try:
-            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))  # as the inbox would
-            rollout._staged(rollout._stage_from_slot(), None)  # the staged slot, as after an inbox drop
-            assert await until(lambda: rollout.phase == "shadow", 20)
-            assert await until(lambda: rollout.phase == "waiting_for_stop", 20), rollout.status()
-            await asyncio.sleep(1.5)  # the car drives on local: the swap is refused, and waits
-            assert rollout.phase == "waiting_for_stop" and core.status()["model"]["version"] == "1.0.0"
-            assert core.submit(SetMode(mode="user")) == ""  # the operator stops the car
-            assert await until(lambda: rollout.phase == "probation", 10), rollout.status()
-            assert core.status()["model"]["version"] == "2.0.0"
-            assert installed(store.slot("active")).version == "2.0.0"  # type: ignore[arg-type]
-            assert core.submit(SetMode(mode="local")) == ""
-            await asyncio.sleep(0.5)
-            Glitchy.glitch = True  # the new model starts answering NaN on live frames
-            assert await until(lambda: rollout.phase == "idle" and core.status()["model"]["version"] == "1.0.0", 15), \
-                rollout.status()
-            assert installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
-        finally:
-            Glitchy.glitch = False
-            seen.extend(steps(rollout))
-            stop.set()
-            await runner
-            await forwarder
+        async def scenario() -> None:
+            try:
+                await stage(rollout, tmp_path, private, "2.0.0")
+                assert await until(lambda: rollout.phase == "shadow", 20)
+                assert await until(lambda: rollout.phase == "waiting_for_stop", 20), rollout.status()
+                await asyncio.sleep(1.5)  # the car drives on local: the swap is refused, and waits
+                assert rollout.phase == "waiting_for_stop" and core.status()["model"]["version"] == "1.0.0"
+                assert core.submit(SetMode(mode="user")) == ""  # the operator stops the car
+                assert await until(lambda: rollout.phase == "probation", 10), rollout.status()
+                assert core.status()["model"]["version"] == "2.0.0"
+                assert installed(store.slot("active")).version == "2.0.0"  # type: ignore[arg-type]
+                assert core.submit(SetMode(mode="local")) == ""
+                await asyncio.sleep(0.5)
+                Glitchy.glitch = True  # the new model starts answering NaN on live frames
+                assert await until(lambda: rollout.phase == "idle" and core.status()["model"]["version"] == "1.0.0",
+                                   15), rollout.status()
+                assert installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
+            finally:
+                Glitchy.glitch = False
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        core.stop()
-        rig.close()
+        seen = run(rollout, scenario, lambda stop: forward_events(core, rollout, stop))
     names = [name for name, _ in seen]
     assert names[:1] == ["staged"] and "shadow_started" in names and "shadow_passed" in names
     assert names.index("activation_waiting") < names.index("activated") < names.index("rollback_started")
@@ -172,32 +197,14 @@ def test_a_candidate_that_disagrees_in_shadow_is_rejected_and_never_drives(tmp_p
     config, store, private = setup(tmp_path, shadow=True)
     store.install(bundle(tmp_path, private, "1.0.0"))
     store.promote()
-    rig = TwinRig()
-    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False)),
-                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
-    core.start()
-    assert core.wait_ready(20), core.error
-    rollout = make_rollout(config, store, core)
-    seen: list[tuple[str, dict]] = []
+    with driving() as core:
+        rollout = make_rollout(config, store, core)
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        rollout.start()
-        runner = asyncio.create_task(rollout.run(stop))
-        try:
-            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "3.0.0", FIXTURES / "linear.tflite")))
-            rollout._staged(rollout._stage_from_slot(), None)
+        async def scenario() -> None:
+            await stage(rollout, tmp_path, private, "3.0.0", FIXTURES / "linear.tflite")
             assert await until(lambda: rollout.phase == "idle" and rollout.pending is None, 30), rollout.status()
-        finally:
-            seen.extend(steps(rollout))
-            stop.set()
-            await runner
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        core.stop()
-        rig.close()
+        seen = run(rollout, scenario)
     rejected = dict(seen)["rejected"]
     assert "shadow trial failed" in rejected["detail"] and rejected["model_version"] == "3.0.0"
     assert store.slot("staged") is None and installed(store.slot("active")).version == "1.0.0"  # type: ignore[arg-type]
@@ -213,29 +220,19 @@ def test_with_attestation_the_new_model_is_not_opened_before_the_fleet_lists_it(
     config, store, private = setup(tmp_path, shadow=False)
     store.install(bundle(tmp_path, private, "1.0.0"))
     store.promote()
-    rig = TwinRig()
-    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False)),
-                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
-    core.start()
-    assert core.wait_ready(20), core.error
-    rollout = make_rollout(config, store, core)
     published: list[tuple[str, bytes]] = []
     sync = PolicySync(fleet="lab", car="car1", uuid="0" * 8 + "-0000-0000-0000-" + "0" * 12,
                       publish=lambda topic, payload: published.append((topic, payload)), retry_s=0.2)
     opened: list[float] = []
-    load = rollout.load_pilot
-    rollout.load_pilot = lambda path, kind, *threads: (opened.append(time.monotonic()), load(path, kind, *threads))[1]
+    confirmed: list[float] = []
     answer = {"confirm": True}
 
     async def policy_ready(staged: Any) -> bool:
         request = sync.request({str(staged.model_path): [staged.sha256]})
         return await sync.wait_ready(request, 2.0)
 
-    rollout.policy_ready = policy_ready
-    seen: list[tuple[str, dict]] = []
-
-    async def fleet() -> None:  # the bridge's side: confirm each request, or stay silent
-        while True:
+    async def fleet(stop: asyncio.Event) -> None:  # the bridge's side: confirm each request, or stay silent
+        while not stop.is_set():
             await asyncio.sleep(0.3)
             for topic, payload in list(published):
                 request = json.loads(payload)
@@ -245,38 +242,27 @@ def test_with_attestation_the_new_model_is_not_opened_before_the_fleet_lists_it(
                                               {p: tuple(d) for p, d in request["digests"].items()}, "").encode())
                 published.remove((topic, payload))
 
-    confirmed: list[float] = []
+    with driving() as core:
+        rollout = make_rollout(config, store, core)
+        load = rollout.load_pilot
+        rollout.load_pilot = lambda path, kind, *threads: (opened.append(time.monotonic()),
+                                                           load(path, kind, *threads))[1]
+        rollout.policy_ready = policy_ready
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        rollout.start()
-        runner = asyncio.create_task(rollout.run(stop))
-        responder = asyncio.create_task(fleet())
-        try:
-            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))
-            rollout._staged(rollout._stage_from_slot(), None)
+        async def scenario() -> None:
+            await stage(rollout, tmp_path, private, "2.0.0")
             assert await until(lambda: rollout.phase == "waiting_for_stop", 10), rollout.status()
             assert confirmed and opened and opened[0] > confirmed[0]  # opened only after the confirmation
             rollout._discard("test: next case")
             answer["confirm"] = False  # the fleet never lists the next one
             opened.clear()
-            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "3.0.0")))
-            rollout._staged(rollout._stage_from_slot(), None)
+            await stage(rollout, tmp_path, private, "3.0.0")
             assert rollout.pending is not None
             assert await until(lambda: rollout.phase == "waiting_for_policy", 5), rollout.status()
             assert await until(lambda: rollout.pending is None, 10), rollout.status()  # given up after 2 s
             assert opened == []  # never opened
-        finally:
-            seen.extend(steps(rollout))
-            responder.cancel()
-            stop.set()
-            await runner
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        core.stop()
-        rig.close()
+        seen = run(rollout, scenario, fleet)
     rejected = [d for name, d in seen if name == "rejected" and d.get("model_version") == "3.0.0"]
     assert rejected and "did not confirm the runtime policy" in rejected[0]["detail"]
 
@@ -289,30 +275,53 @@ def test_a_model_staged_before_the_start_is_resumed(tmp_path: Path) -> None:
     store.install(bundle(tmp_path, private, "1.0.0"))
     store.promote()
     store.install(bundle(tmp_path, private, "2.0.0"))
-    rig = TwinRig()
-    core = DriveCore(DriveConfig(realtime=RealtimeConfig(priority=0, lock_memory=False), mode="user"),
-                     DriveParts(rig, rig, lambda: Autopilot(MODEL)))
-    core.start()
-    assert core.wait_ready(20), core.error
-    rollout = make_rollout(config, store, core)
+    with driving(mode="user") as core:
+        rollout = make_rollout(config, store, core)
 
-    async def scenario() -> None:
-        stop = asyncio.Event()
-        await asyncio.to_thread(rollout.start)
-        runner = asyncio.create_task(rollout.run(stop))
-        try:
+        async def scenario() -> None:
             assert await until(lambda: rollout.phase == "probation", 15), rollout.status()
-        finally:
-            stop.set()
-            await runner
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        core.stop()
-        rig.close()
-    names = [name for name, _ in steps(rollout)]
+        seen = run(rollout, scenario)
+    names = [name for name, _ in seen]
     assert names[:2] == ["resumed", "activated"] and core.status()["model"]["version"] == "2.0.0"
+
+
+@pytest.mark.slow
+def test_a_bundle_dropped_in_the_inbox_is_staged_and_set_aside(tmp_path: Path) -> None:
+    """The technician's (or Ansible's) way in: a tar written as NAME.part and renamed; a bad one is rejected and
+    moved to rejected/ with the reason beside it, a good one staged and moved to done/."""
+    import tarfile
+
+    config, store, private = setup(tmp_path, shadow=False)
+    store.install(bundle(tmp_path, private, "1.0.0"))
+    store.promote()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+
+    def drop(name: str, directory: Path) -> None:
+        part = inbox / f"{name}.part"
+        with tarfile.open(part, "w") as tar:
+            for path in sorted(directory.iterdir()):
+                tar.add(path, arcname=path.name)
+        part.rename(inbox / name)
+
+    unsigned = make_bundle(tmp_path / "unsigned", version="9.9.9")
+    with driving() as core:
+        rollout = make_rollout(config, store, core)
+        rollout.inbox = inbox
+
+        async def scenario() -> None:
+            drop("unsigned.tar", unsigned)
+            assert await until((inbox / "rejected" / "unsigned.tar").exists, 20), rollout.status()
+            drop("good.tar", bundle(tmp_path, private, "2.0.0"))
+            assert await until(lambda: rollout.phase == "waiting_for_stop", 20), rollout.status()
+
+        seen = run(rollout, scenario)
+    assert (inbox / "done" / "good.tar").exists() and not list(inbox.glob("*.tar"))
+    assert "signature" in (inbox / "rejected" / "unsigned.tar.reason.txt").read_text()
+    names = [name for name, _ in seen]
+    assert names[:4] == ["inbox", "refused", "inbox", "staged"], names
+    assert dict(seen)["staged"]["model_version"] == "2.0.0"
 
 
 def test_a_model_for_another_camera_is_rejected_before_it_is_loaded(tmp_path: Path) -> None:
@@ -323,18 +332,10 @@ def test_a_model_for_another_camera_is_rejected_before_it_is_loaded(tmp_path: Pa
     rollout.load_pilot = lambda path, kind, *threads: loaded.append(path)
 
     async def scenario() -> None:
-        stop = asyncio.Event()
-        runner = asyncio.create_task(rollout.run(stop))
-        try:
-            await asyncio.to_thread(rollout.stage, str(bundle(tmp_path, private, "2.0.0")))
-            rollout._staged(rollout._stage_from_slot(), None)
-            assert await until(lambda: rollout.pending is None, 10), rollout.status()
-        finally:
-            stop.set()
-            await runner
+        await stage(rollout, tmp_path, private, "2.0.0")
+        assert await until(lambda: rollout.pending is None, 10), rollout.status()
 
-    asyncio.run(scenario())
-    rejected = dict(steps(rollout))["rejected"]
+    rejected = dict(run(rollout, scenario))["rejected"]
     assert "takes 120x160 frames; this car's camera gives 240x320" in rejected["detail"] and loaded == []
     assert store.slot("staged") is None
 
