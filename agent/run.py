@@ -45,6 +45,7 @@ from agent.service.report import changed_keys, identity, log_event, short_status
 from agent.service.state import SafetyState, StateKeeper, restored_faults, state_directory
 from agent.telemetry.link import FleetLink
 from agent.telemetry.prometheus import MetricsExporter, serve
+from agent.telemetry.topics import Topics
 from agent.tub import TubRecorder, TubWriter
 
 if TYPE_CHECKING:
@@ -214,7 +215,6 @@ class Daemon:
                                                                        burst=20)),
                                        estop=core.stops.source("mqtt"),
                                        jobs=self.rollout.jobs if self.rollout else None,
-                                       on_attestation=self.attestation.on_token if self.attestation else None,
                                        state_fields=self._state_fields)
                 self._attach_fleet_attestation(self.fleet)
             stack.callback(core.stop, STOP_TIMEOUT)
@@ -434,6 +434,8 @@ class Daemon:
             return
         from agent.attest.policy_sync import PolicySync
 
+        fleet.listeners[Topics(self.config.telemetry.fleet, self.config.telemetry.car_id).attestation] = \
+            self.attestation.on_token
         self.attestation.publish = fleet.publish
         if self.rollout is None:
             return

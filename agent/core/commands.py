@@ -54,6 +54,7 @@ class Command:
     name: ClassVar[str] = "command"
     moves_the_car: ClassVar[bool] = False  # refused while a fault is latched (see ``Decider``)
     answer_within_s: ClassVar[float | None] = None  # a long job's time to an outcome (None: its expiry)
+    reported: ClassVar[bool] = True  # each application is a `command` event
 
 
 @dataclass(slots=True, kw_only=True)
@@ -126,6 +127,9 @@ class SwapPilot(Command):
     label: Mapping[str, Any] = field(default_factory=dict)  # name, version, sha256: events and status
     replaced: Any = None
     name: ClassVar[str] = "swap_pilot"
+    # Offered again every second while the car moves: the rollout reports the wait once per reason, and the
+    # core a `model_swapped` event when it applies one.
+    reported: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         missing = [m for m in ("prepare", "invoke", "result", "reset") if not callable(getattr(self.pilot, m, None))]

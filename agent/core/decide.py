@@ -111,8 +111,8 @@ class Decider:
         """Apply one command; its outcome is also stored on it and reported as an event."""
         outcome = self._apply(command, now, held_by)
         command.outcome = outcome
-        if isinstance(command, SwapPilot):  # offered again every second while the car moves: the rollout reports
-            return outcome                  # its own steps (model_swapped here, once, when it is applied)
+        if not command.reported:
+            return outcome
         self.events.push(Event("command", {"name": command.name, "id": command.id, "source": command.source,
                                            "ok": outcome.ok, "reason": outcome.reason}, now))
         return outcome

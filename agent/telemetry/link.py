@@ -33,12 +33,10 @@ BUFFER_EVENTS = 1000
 class FleetLink:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
-                 on_attestation: Callable[[bytes], None] | None = None,
                  state_fields: Callable[[], dict[str, Any]] | None = None,
                  listeners: dict[str, Callable[[bytes], None]] | None = None) -> None:
         self.config = config
         self.listeners = listeners if listeners is not None else {}  # may be filled in after construction
-        self.on_attestation = on_attestation
         self.state_fields = state_fields
         self.identity = identity
         self.outbox_path = outbox_path
@@ -97,8 +95,8 @@ class FleetLink:
             service: TelemetryService | None = None
             try:
                 service = TelemetryService(self.config, self.identity, outbox_path=self.outbox_path, lane=self.lane,
-                                           estop=self.estop, jobs=self.jobs, on_attestation=self.on_attestation,
-                                           state_fields=self.state_fields, listeners=self.listeners)
+                                           estop=self.estop, jobs=self.jobs, state_fields=self.state_fields,
+                                           listeners=self.listeners)
                 while self._buffer:
                     service.record(self._buffer[0])
                     self._buffer.popleft()

@@ -82,16 +82,16 @@ class Inbound:
 class TelemetryService:
     def __init__(self, config: TelemetryConfig, identity: dict[str, Any], *, outbox_path: Path,
                  lane: CommandLane, estop: StopSource, jobs: CommandLane | None = None,
-                 on_attestation: Callable[[bytes], None] | None = None,
                  state_fields: Callable[[], dict[str, Any]] | None = None,
                  listeners: dict[str, Callable[[bytes], None]] | None = None) -> None:
         assert config.url is not None
-        self.listeners = dict(listeners or {})  # other fleet topics of this car -> a handler on the loop
+        # Other topics of this car (the attestation token, policy confirmations) -> a handler on the loop; each
+        # validates its own payloads. Subscribed on every connect (QoS 1: a retained token arrives at once).
+        self.listeners = dict(listeners or {})
         # What the retained state says besides the identity and changes while running (the models, attestation):
         # republished when it changes.
         self.state_fields = state_fields
         self._state_published: dict[str, Any] | None = None
-        self.on_attestation = on_attestation  # tokens from the fleet's attestation bridge (on the loop)
         self.config = config
         self.topics = topics.Topics(config.fleet, config.car_id)
         self.identity = identity
@@ -160,8 +160,6 @@ class TelemetryService:
         # The birth goes out first on every connect, so "online" always follows a will.
         client.publish(self.topics.state, json.dumps(self._birth()), qos=1, retain=True)
         client.subscribe(f"{self.topics.base}/cmd/+", qos=1)
-        if self.on_attestation is not None:
-            client.subscribe(self.topics.attestation, qos=1)  # retained: the newest token arrives at once
         for topic in self.listeners:
             client.subscribe(topic, qos=1)
         if self.config.homeassistant:
@@ -257,13 +255,6 @@ class TelemetryService:
                     handler(item.payload)  # each handler validates its own payloads
                 except Exception:
                     log.exception("a message on %s could not be processed", item.topic)
-                continue
-            if item.topic == self.topics.attestation:
-                if self.on_attestation is not None:
-                    try:
-                        self.on_attestation(item.payload)  # the gate checks everything about the token
-                    except Exception:  # a bug there must not take the fleet link down: the token is refused
-                        log.exception("an attestation token could not be processed")
                 continue
             self._command(item)
 
