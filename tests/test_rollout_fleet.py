@@ -26,6 +26,7 @@ import pytest
 from agent.bundle.signing import sign_with_key
 from tests import mosquitto
 from tests.bundles import make_bundle, make_key
+from tests.test_attest_car import stop
 from tests.test_cli import start_twin
 from tests.test_mqtt import conforms
 
@@ -114,12 +115,7 @@ probation_s = 600
         send("set_mode", {"id": "m-3", "value": "user"})
         time.sleep(4)
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            _, log = agent.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            _, log = agent.communicate()
+        log = stop(agent)
         twin.send_signal(signal.SIGTERM)
         twin.wait(20)
         server.shutdown()
